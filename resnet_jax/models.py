@@ -1,0 +1,203 @@
+"""ResNet model zoo in Flax linen (NHWC).
+
+Two families share one `ResNet` module:
+
+* `resnet18/34/50/101/152`: He et al.'s ImageNet ResNets (v1.5: the stride sits on
+  the 3x3 conv of a bottleneck), with an ``"imagenet"`` stem (7x7/2 conv + 3x3/2
+  max-pool, as torchvision and the tutorial) or a ``"cifar"`` stem (3x3/1 conv,
+  no pool). Shortcuts that change shape are a strided 1x1 conv + BatchNorm.
+* `resnet20/32/44/56/110`: He et al. 2016's CIFAR networks (16/32/64 filters,
+  parameter-free "option A" shortcuts: stride-2 subsampling and zero-padded
+  channels).
+
+The tutorial's residual block is broken (it reads ``self.in_channels`` and
+``self.out_channels``, which it never sets, and builds its shortcut by reusing
+``conv1``, whose shape does not fit); here the shortcut has its own layers.
+
+BatchNorm state is explicit: running statistics live in the ``batch_stats``
+collection, updated only when ``train=True`` and the collection is mutable.
+"""
+
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ModuleDef = Any
+
+# Kaiming-normal, fan_out, ReLU gain: torch.nn.init.kaiming_normal_(w, mode="fan_out").
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def zero_pad_shortcut(x, filters: int, strides: Tuple[int, int]):
+    """He et al.'s option A: subsample spatially, zero-pad the new channels evenly."""
+    x = x[:, :: strides[0], :: strides[1], :]
+    extra = filters - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (expansion 1)."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: Tuple[int, int] = (1, 1)
+    shortcut: str = "projection"  # or "zero_pad" (option A, no parameters)
+    zero_init_last: bool = False  # start the branch's last BN scale at 0
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), padding=1, name="conv2")(y)
+        y = last_norm(self, "bn2")(y)
+        if residual.shape != y.shape:
+            residual = shortcut(self, residual, self.filters)
+        return self.act(residual + y)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual connection."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: Tuple[int, int] = (1, 1)
+    shortcut: str = "projection"
+    zero_init_last: bool = False
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (1, 1), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
+        y = last_norm(self, "bn3")(y)
+        if residual.shape != y.shape:
+            residual = shortcut(self, residual, self.filters * 4)
+        return self.act(residual + y)
+
+
+def last_norm(block, name):
+    """The last BatchNorm of a residual branch, optionally starting at scale 0."""
+    if block.zero_init_last:
+        return block.norm(name=name, scale_init=nn.initializers.zeros_init())
+    return block.norm(name=name)
+
+
+def shortcut(block, x, filters):
+    """The shape-changing shortcut of `block`: projection (1x1 conv + BN) or option A."""
+    if block.shortcut == "zero_pad":
+        return zero_pad_shortcut(x, filters, block.strides)
+    x = block.conv(filters, (1, 1), block.strides, name="proj_conv")(x)
+    return block.norm(name="proj_bn")(x)
+
+
+class ResNet(nn.Module):
+    """ResNet v1 for NHWC images; returns float32 logits."""
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_classes: int
+    num_filters: int = 64
+    stem: str = "imagenet"  # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": 3x3/1 conv
+    shortcut: str = "projection"  # "projection" (1x1 conv + BN) or "zero_pad" (option A)
+    zero_init_residual: bool = False  # last BN scale of each residual branch starts at 0
+    dtype: Any = jnp.float32  # computation dtype; params and BN statistics stay float32
+    axis_name: Optional[str] = None  # pmap axis to average BN statistics over (sync BN)
+    bn_momentum: float = 0.9  # flax convention: torch's momentum=0.1
+    act: Callable = nn.relu
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        if self.stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        if self.shortcut not in ("projection", "zero_pad"):
+            raise ValueError(f"shortcut must be 'projection' or 'zero_pad', got {self.shortcut!r}")
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            axis_name=self.axis_name if train else None,
+        )
+        x = x.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = conv(self.num_filters, (7, 7), (2, 2), padding=3, name="conv_init")(x)
+            x = self.act(norm(name="bn_init")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        else:
+            x = conv(self.num_filters, (3, 3), padding=1, name="conv_init")(x)
+            x = self.act(norm(name="bn_init")(x))
+        for i, block_size in enumerate(self.stage_sizes):
+            for j in range(block_size):
+                x = self.block_cls(
+                    self.num_filters * 2**i,
+                    strides=(2, 2) if i > 0 and j == 0 else (1, 1),
+                    conv=conv,
+                    norm=norm,
+                    act=self.act,
+                    shortcut=self.shortcut,
+                    zero_init_last=self.zero_init_residual,
+                    name=f"stage{i + 1}_block{j + 1}",
+                )(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
+        return x.astype(jnp.float32)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck)
+ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)
+
+_CIFAR = dict(block_cls=BasicBlock, num_filters=16, stem="cifar", shortcut="zero_pad")
+ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3), **_CIFAR)
+ResNet32 = functools.partial(ResNet, stage_sizes=(5, 5, 5), **_CIFAR)
+ResNet44 = functools.partial(ResNet, stage_sizes=(7, 7, 7), **_CIFAR)
+ResNet56 = functools.partial(ResNet, stage_sizes=(9, 9, 9), **_CIFAR)
+ResNet110 = functools.partial(ResNet, stage_sizes=(18, 18, 18), **_CIFAR)
+
+# Tiny network for tests and the smoke config.
+ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), **_CIFAR)
+
+MODELS = {
+    "resnet8": ResNet8,
+    "resnet18": ResNet18,
+    "resnet20": ResNet20,
+    "resnet32": ResNet32,
+    "resnet34": ResNet34,
+    "resnet44": ResNet44,
+    "resnet50": ResNet50,
+    "resnet56": ResNet56,
+    "resnet101": ResNet101,
+    "resnet110": ResNet110,
+    "resnet152": ResNet152,
+}
+
+
+def get_model(name: str, *, num_classes: int, **overrides) -> nn.Module:
+    """Builds the registered model `name`; `overrides` replace any ResNet field."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes=num_classes, **overrides)
+
+
+def num_params(params) -> int:
+    """Total number of parameters in a params tree."""
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
