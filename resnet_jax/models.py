@@ -176,6 +176,9 @@ ResNet110 = functools.partial(ResNet, stage_sizes=(18, 18, 18), **_CIFAR)
 # Tiny network for tests and the smoke config.
 ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), **_CIFAR)
 
+# The models whose stem is configurable (the He et al. CIFAR nets always use a 3x3 conv).
+STEM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
 MODELS = {
     "resnet8": ResNet8,
     "resnet18": ResNet18,

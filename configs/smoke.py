@@ -1,0 +1,22 @@
+"""A tiny network for a few hundred steps: first contact and end-to-end tests (well under
+a minute on two CPU cores). Point data.data_dir at a small data set, for example one made by
+`python ../shared/tools/cifar10_tfds.py DIR --train 2000 --test 500`."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.name = "resnet8"
+    config.model.num_filters = 8
+    config.batch_size = 64
+    config.eval_batch_size = 250
+    config.learning_rate = 0.1
+    config.base_batch_size = 64
+    config.warmup_epochs = 0.5
+    config.label_smoothing = 0.0
+    config.num_epochs = 8.0
+    config.log_every_steps = 10
+    config.eval_every_epochs = 4.0
+    config.checkpoint_every_steps = 100
+    return config

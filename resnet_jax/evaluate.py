@@ -1,0 +1,37 @@
+"""`--mode eval`: restore a checkpoint with orbax and evaluate the whole test split."""
+
+import json
+import os
+
+import jax
+from flax import jax_utils
+
+from resnet_jax import checkpoints, input_pipeline, plots, train
+
+
+def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
+    """Evaluates the checkpoint `config.eval_checkpoint_step` names; writes eval_<step>.json
+    and confusion_<step>.png to `workdir` and returns the report."""
+    dataset = dataset or input_pipeline.load_dataset(config.data)
+    setup = train.Setup(config, dataset)
+    manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
+    state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
+    step = int(state.step)
+    result = train.evaluate(setup.p_eval_step(), jax_utils.replicate(state), dataset, config)
+    confusion = result["confusion"]
+    per_class = confusion.diagonal() / confusion.sum(1).clip(min=1)
+    report = {
+        "step": step,
+        "num_examples": result["num_examples"],
+        "loss": result["loss"],
+        "accuracy": result["accuracy"],
+        "per_class_accuracy": {name: float(a) for name, a in zip(dataset.class_names, per_class)},
+        "class_names": list(dataset.class_names),
+        "confusion_matrix": confusion.tolist(),
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        plots.plot_confusion(confusion, dataset.class_names, os.path.join(workdir, f"confusion_{step}.png"),
+                             title=f"{config.model.name} step {step}: accuracy {result['accuracy']:.2%}")
+    return report

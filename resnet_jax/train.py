@@ -1,0 +1,397 @@
+"""Training and evaluation: pure step functions, `jax.pmap`ped where the loop calls them.
+
+    create_train_state -> (train_step)* with evaluate() every so often -> checkpoints
+
+`train_step` and `eval_step` are per-device functions; the loop maps them over every
+local device with `jax.pmap(..., axis_name="batch")`, and across hosts the same axis
+spans every device of every process.
+"""
+
+import functools
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import jax_utils
+from flax.training import train_state
+from jax.experimental import multihost_utils
+
+from resnet_jax import checkpoints, input_pipeline, models, workdir as workdir_lib
+from resnet_jax.errors import RunFailure
+
+AXIS = "batch"
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimizer state and step, plus the explicit BatchNorm statistics."""
+
+    batch_stats: Any
+
+
+# ------------------------------------------------------------------------------- setup
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The configured model; BatchNorm averages over the pmap axis when sync_batch_norm."""
+    overrides = {"dtype": jnp.dtype(config.model.dtype)}
+    if config.model.num_filters is not None:
+        overrides["num_filters"] = config.model.num_filters
+    if config.model.name in models.STEM_MODELS:
+        overrides["stem"] = config.model.stem
+    if config.model.sync_batch_norm:
+        overrides["axis_name"] = AXIS
+    return models.get_model(
+        config.model.name,
+        num_classes=num_classes,
+        zero_init_residual=config.model.zero_init_residual,
+        **overrides,
+    )
+
+
+def steps_per_epoch(config, num_train_examples: int) -> int:
+    return num_train_examples // config.batch_size
+
+
+def total_steps(config, steps_per_epoch_: int) -> int:
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return max(1, int(math.ceil(config.num_epochs * steps_per_epoch_)))
+
+
+def peak_learning_rate(config) -> float:
+    """The learning rate scaled linearly with the batch size."""
+    return config.learning_rate * config.batch_size / config.base_batch_size
+
+
+def create_learning_rate_fn(config, steps_per_epoch_: int, num_steps: int) -> optax.Schedule:
+    peak = peak_learning_rate(config)
+    warmup = int(config.warmup_epochs * steps_per_epoch_)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1))
+    if config.schedule == "piecewise":
+        return optax.piecewise_constant_schedule(
+            peak, {int(f * num_steps): config.lr_decay_factor for f in config.lr_boundaries}
+        )
+    if config.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(num_steps, peak)
+    if config.schedule == "constant":
+        return optax.warmup_constant_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+    raise ValueError(f"unknown schedule {config.schedule!r}")
+
+
+def decay_mask(params):
+    """True for conv and dense kernels: weight decay skips BatchNorm and biases."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum, L2 weight decay on kernels, optional clipping."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm > 0 else optax.identity(),
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov),
+    )
+
+
+def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32, 3)) -> TrainState:
+    """A fresh state on the host, initialised from `rng`."""
+
+    @jax.jit
+    def init(rng):
+        return model.init(rng, jnp.zeros((1,) + tuple(image_shape), model.dtype), train=False)
+
+    variables = init(rng)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=create_optimizer(config, learning_rate_fn),
+        batch_stats=variables["batch_stats"],
+    )
+
+
+# -------------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example cross-entropy against (optionally smoothed) one-hot labels."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, learning_rate_fn, label_smoothing):
+    """One SGD step on this device's part of the global batch; gradients are averaged over AXIS."""
+    images = preprocess_fn(batch["image"], key=jax.random.fold_in(aug_key, state.step), positions=batch["position"])
+    num_classes = state.params["head"]["bias"].shape[-1]
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+        )
+        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    # Without sync BN each device normalises by its own batch; averaging the running
+    # statistics keeps the state identical on every device all the same.
+    batch_stats = jax.lax.pmean(batch_stats, AXIS)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": learning_rate_fn(state.step),
+    }
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return new_state, jax.lax.pmean(metrics, AXIS)
+
+
+def eval_step(state: TrainState, batch, *, preprocess_fn: Callable):
+    """Sums over the real (mask=1) examples of the global batch: loss, correct, count, confusion."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, preprocess_fn(batch["image"]), train=False
+    )
+    num_classes = logits.shape[-1]
+    mask = batch["mask"]
+    predictions = jnp.argmax(logits, -1)
+    confusion = jnp.einsum(
+        "bi,bj->ij", jax.nn.one_hot(batch["label"], num_classes) * mask[:, None], jax.nn.one_hot(predictions, num_classes)
+    )
+    sums = {
+        "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask),
+        "confusion": confusion.astype(jnp.int32),
+    }
+    return jax.lax.psum(sums, AXIS)
+
+
+# --------------------------------------------------------------------------------- loop
+
+
+def evaluate(p_eval_step, state, dataset, config) -> dict:
+    """Loss, accuracy and confusion matrix over the whole test split (each example once)."""
+    totals = None
+    for batch in input_pipeline.eval_batches(
+        dataset.test_images,
+        dataset.test_labels,
+        batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_devices=jax.local_device_count(),
+    ):
+        sums = p_eval_step(state, batch)
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], totals))
+    confusion = np.asarray(totals["confusion"], np.int64)
+    count = int(confusion.sum())
+    return {
+        "loss": float(totals["loss"]) / count,
+        "accuracy": float(np.trace(confusion)) / count,
+        "num_examples": count,
+        "confusion": confusion,
+    }
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def should_stop(self, sync: bool) -> bool:
+        """Whether to stop now; with `sync`, every process agrees (stops if any got a signal)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        if not sync:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+        return bool(np.any(flags))
+
+
+class Setup:
+    """Everything both modes need: data, model, schedule and the pmapped steps."""
+
+    def __init__(self, config, dataset):
+        self.config = config
+        self.dataset = dataset
+        self.model = create_model(config, dataset.num_classes)
+        self.steps_per_epoch = steps_per_epoch(config, len(dataset.train_images))
+        self.num_steps = total_steps(config, self.steps_per_epoch)
+        self.learning_rate_fn = create_learning_rate_fn(config, self.steps_per_epoch, self.num_steps)
+        init_key, self.aug_key = jax.random.split(jax.random.key(config.seed))
+        self.initial_state = create_train_state(
+            init_key, config, self.model, self.learning_rate_fn, dataset.train_images.shape[1:]
+        )
+        mean, std = input_pipeline.normalization(config.data, dataset)
+        self.preprocess_fn = functools.partial(
+            input_pipeline.preprocess, mean=mean, std=std, dtype=self.model.dtype,
+            data_config=config.data if config.data.augment else None,
+        )
+
+    def p_train_step(self):
+        preprocess = self.preprocess_fn
+        if not self.config.data.augment:  # The tutorial's pipeline: normalise only.
+            preprocess = lambda images, key, positions: self.preprocess_fn(images)  # noqa: E731
+        return jax.pmap(
+            functools.partial(
+                train_step,
+                preprocess_fn=preprocess,
+                aug_key=self.aug_key,
+                learning_rate_fn=self.learning_rate_fn,
+                label_smoothing=self.config.label_smoothing,
+            ),
+            axis_name=AXIS,
+            donate_argnums=(0,),
+        )
+
+    def p_eval_step(self):
+        return jax.pmap(functools.partial(eval_step, preprocess_fn=self.preprocess_fn), axis_name=AXIS)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=None, config_path: str = "CONFIG") -> TrainState:
+    """Trains (resuming from the latest checkpoint in `workdir`), evaluates, checkpoints.
+
+    Returns the final state on the host.
+    """
+    is_main = jax.process_index() == 0
+    dataset = dataset or input_pipeline.load_dataset(config.data)
+    setup = Setup(config, dataset)
+    manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
+    state = checkpoints.restore_latest(manager, setup.initial_state)
+    start_step = int(state.step)
+    num_steps = setup.num_steps
+    spe = setup.steps_per_epoch
+    log = workdir_lib.MetricsLog(workdir) if is_main else None
+    eval_every = max(1, int(round(config.eval_every_epochs * spe)))
+    if start_step:
+        logging.info("resumed from the checkpoint at step %d", start_step)
+    logging.info(
+        "training %s on %s: %d steps (%d per epoch), %d devices on %d processes",
+        config.model.name, config.data.name, num_steps, spe, jax.device_count(), jax.process_count(),
+    )
+
+    p_train_step = setup.p_train_step()
+    p_eval_step = setup.p_eval_step()
+    state = jax_utils.replicate(state)
+    progress = _progress_bar(is_main, start_step, num_steps)
+    pending = []  # (step, device metrics) not yet fetched
+    window = []  # fetched train metrics since the last record
+    last_saved = start_step if start_step else None
+    timer = (time.perf_counter(), start_step)
+
+    def fetch_and_check():
+        """Brings pending metrics to the host; stops on a non-finite loss before anything is saved."""
+        for step, metrics in jax.device_get(pending):
+            metrics = {k: float(v[0]) for k, v in metrics.items()}
+            if not math.isfinite(metrics["loss"]):
+                where = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+                raise RunFailure(
+                    f"loss became {metrics['loss']} at step {step}; {where} in {checkpoints.checkpoint_dir(workdir)}. "
+                    f"Lower --config.learning_rate or set --config.grad_clip_norm"
+                )
+            window.append(metrics)
+        pending.clear()
+
+    def save(step, metrics=None):
+        nonlocal last_saved
+        fetch_and_check()
+        checkpoints.save(manager, checkpoints.host_state(state), metrics)
+        last_saved = step
+
+    with _StopSignal() as stop:
+        step = start_step
+        while step < num_steps:
+            batch = input_pipeline.train_batch(
+                dataset.train_images, dataset.train_labels, step,
+                batch_size=config.batch_size, seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                num_devices=jax.local_device_count(),
+            )
+            state, metrics = p_train_step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            if progress:
+                progress.update(1)
+
+            if step % config.log_every_steps == 0 or step == num_steps:
+                fetch_and_check()
+                now = time.perf_counter()
+                images_per_sec = (step - timer[1]) * config.batch_size / (now - timer[0])
+                timer = (now, step)
+                record = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "accuracy")}
+                record.update(
+                    step=step, epoch=step / spe, split="train",
+                    learning_rate=window[-1]["learning_rate"], images_per_sec=images_per_sec,
+                )
+                window.clear()
+                if log:
+                    log.write(record)
+                    _report(progress, record)
+
+            if step % eval_every == 0 or step == num_steps:
+                result = evaluate(p_eval_step, state, dataset, config)
+                record = {"step": step, "epoch": step / spe, "split": "test", "loss": result["loss"], "accuracy": result["accuracy"]}
+                if log:
+                    log.write(record)
+                    _report(progress, record)
+                save(step, {"accuracy": result["accuracy"]})
+                timer = (time.perf_counter(), step)
+            elif step % config.checkpoint_every_steps == 0:
+                save(step)
+
+            if stop.should_stop(sync=step % config.log_every_steps == 0) and step < num_steps:
+                if last_saved != step:
+                    save(step)
+                checkpoints.wait(manager)
+                if is_main:
+                    print(
+                        f"stopped by {stop.received or 'a signal on another process'} at step {step}; checkpoint saved. "
+                        f"Resume with: python run.py --config {config_path} --workdir {workdir}",
+                        flush=True,
+                    )
+                break
+
+    checkpoints.wait(manager)
+    manager.close()
+    if progress:
+        progress.close()
+    if log:
+        log.close()
+    return checkpoints.host_state(state)
+
+
+def _progress_bar(is_main: bool, start: int, total: int):
+    """A tqdm bar on process 0 when stderr is a terminal; None otherwise."""
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    import tqdm
+
+    return tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _report(progress, record: dict) -> None:
+    text = " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "split"
+    )
+    line = f"{record['split']}: {text}"
+    if progress:
+        progress.write(line)
+    else:
+        print(line, flush=True)

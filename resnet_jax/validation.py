@@ -1,0 +1,61 @@
+"""Checks a config before anything is compiled or loaded: one clear message per mistake."""
+
+import jax
+
+from resnet_jax import models
+from resnet_jax.errors import Error
+
+DATASETS = ("cifar10", "cifar100")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise Error(f"--config.{name}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _positive(config, *names):
+    for name in names:
+        value = config
+        for key in name.split("."):
+            value = value[key]
+        if not value > 0:
+            raise Error(f"--config.{name} must be positive, got {value!r}")
+
+
+def validate(config, device_count: int = None) -> None:
+    """Raises Error naming the first field that is wrong and how to fix it."""
+    device_count = device_count or jax.device_count()
+    _choice("model.name", config.model.name, sorted(models.MODELS))
+    _choice("model.stem", config.model.stem, ("cifar", "imagenet"))
+    _choice("model.dtype", config.model.dtype, DTYPES)
+    if config.model.num_filters is not None:
+        _positive(config, "model.num_filters")
+    _choice("data.name", config.data.name, DATASETS)
+    _choice("data.padding_mode", config.data.padding_mode, ("reflect", "zero"))
+    _choice("data.normalization", config.data.normalization, ("dataset", "half"))
+    if config.data.crop_padding < 0 or config.data.cutout < 0:
+        raise Error("--config.data.crop_padding and --config.data.cutout must be >= 0")
+    _choice("schedule", config.schedule, SCHEDULES)
+    _positive(config, "batch_size", "eval_batch_size", "learning_rate", "base_batch_size")
+    _positive(config, "log_every_steps", "checkpoint_every_steps", "eval_every_epochs", "keep_checkpoints")
+    if config.num_train_steps <= 0:
+        _positive(config, "num_epochs")
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % device_count:
+            raise Error(
+                f"--config.{name}={config[name]} is not divisible by the {device_count} devices in use; "
+                f"choose a multiple of {device_count}"
+            )
+    if not 0 <= config.momentum < 1:
+        raise Error(f"--config.momentum must be in [0, 1), got {config.momentum}")
+    if not 0 <= config.label_smoothing < 1:
+        raise Error(f"--config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    if config.weight_decay < 0 or config.grad_clip_norm < 0 or config.warmup_epochs < 0:
+        raise Error("--config.weight_decay, grad_clip_norm and warmup_epochs must be >= 0")
+    if not all(0 < f < 1 for f in config.lr_boundaries):
+        raise Error(f"--config.lr_boundaries must be fractions of training in (0, 1), got {config.lr_boundaries}")
+    step = str(config.eval_checkpoint_step)
+    if step not in ("latest", "best") and not step.isdigit():
+        raise Error(f"--config.eval_checkpoint_step must be 'latest', 'best' or a step number, got {step!r}")

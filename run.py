@@ -1,0 +1,113 @@
+"""Train or evaluate a ResNet on CIFAR.
+
+    python run.py --config configs/resnet18.py [--workdir DIR] [--mode train|eval]
+                  [--config.key=value ...]
+                  [--coordinator_address HOST:PORT --num_processes N --process_id I]
+
+Bad input ends in one line on stderr and exit code 2; a failure during the run in
+exit code 1; success and a clean stop on SIGTERM/SIGINT in exit code 0.
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resnet_jax.errors import Error
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go. Default: runs/<config file stem>.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resuming if the workdir has checkpoints) or eval.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def parse_flags(argv):
+    """absl's parser, with flag mistakes (unknown keys, wrong types, bad files) as one line and exit 2."""
+    try:
+        argv = FLAGS(argv)
+        FLAGS.config.keys()  # The config file loads lazily: make its errors flag errors too.
+        return argv
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names no field.
+        while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(text))
+            e = e.args[0]
+        lines = str(e.args[0] if e.args else e).splitlines()
+        hint = " ".join(lines[1:]) or "configs/default.py lists every field"
+        message = f"unknown config field {lines[0]} in a --config.* override ({hint})"
+    except OSError as e:  # The config file is missing.
+        message = f"cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}"
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # A config file that raised: its traceback's last line says why.
+        message = f"{lines[0]} {lines[-1]}" if len(lines) > 1 else lines[0]
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run: explicit flags, or Cloud TPU pod auto-detection."""
+    import jax
+
+    if FLAGS.coordinator_address:
+        if FLAGS.num_processes is None or FLAGS.process_id is None:
+            raise Error("--coordinator_address needs --num_processes and --process_id too")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def main(argv):
+    try:
+        run(argv)
+    except Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def run(argv) -> None:
+    if len(argv) > 1:
+        raise Error(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None:
+        raise Error("--config is required, for example --config configs/resnet18.py")
+    for name in ("absl", "orbax", "jax", "tensorflow_datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.INFO)
+
+    initialize_distributed()
+    import jax
+
+    from resnet_jax import evaluate, train, validation, workdir as workdir_lib
+
+    config = FLAGS.config
+    validation.validate(config, jax.device_count())
+    config_path = config_flags.get_config_filename(FLAGS["config"])
+    workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+
+    if FLAGS.mode == "eval":
+        report = evaluate.evaluate_checkpoint(config, workdir)
+        print(
+            f"eval: step {report['step']}: accuracy {report['accuracy']:.4f}, loss {report['loss']:.4f} "
+            f"on {report['num_examples']} test examples; wrote {workdir}/eval_{report['step']}.json"
+        )
+        return
+
+    workdir_lib.prepare(workdir)
+    main_process = jax.process_index() == 0
+    lock = workdir_lib.Lock(workdir) if main_process else None
+    if lock:
+        lock.acquire()
+    try:
+        if main_process:
+            workdir_lib.check_and_save_config(workdir, config)
+        train.train_and_evaluate(config, workdir, config_path=config_path)
+    finally:
+        if lock:
+            lock.release()
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
