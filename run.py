@@ -1,7 +1,8 @@
 """Train or evaluate a ResNet on CIFAR.
 
-    python run.py --config configs/resnet18.py [--workdir DIR] [--mode train|eval]
+    python run.py --config configs/resnet18.py [--workdir DIR] [--mode train|eval|summary]
                   [--config.key=value ...]
+    python run.py --config configs/resnet18.py --mode predict [--json] IMAGE [IMAGE ...]
                   [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 Bad input ends in one line on stderr and exit code 2; a failure during the run in
@@ -20,7 +21,12 @@ from resnet_jax.errors import Error
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go. Default: runs/<config file stem>.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resuming if the workdir has checkpoints) or eval.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "predict", "summary"],
+    "train (resuming if the workdir has checkpoints), eval (a checkpoint on the test split), "
+    "predict (IMAGE files with a checkpoint) or summary (the model's table).",
+)
+flags.DEFINE_bool("json", False, "--mode predict: one JSON line per image.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -69,8 +75,8 @@ def main(argv):
 
 
 def run(argv) -> None:
-    if len(argv) > 1:
-        raise Error(f"unexpected arguments: {' '.join(argv[1:])}")
+    if len(argv) > 1 and FLAGS.mode != "predict":
+        raise Error(f"unexpected arguments: {' '.join(argv[1:])} (only --mode predict takes IMAGE files)")
     if FLAGS.config is None:
         raise Error("--config is required, for example --config configs/resnet18.py")
     for name in ("absl", "orbax", "jax", "tensorflow_datasets"):
@@ -87,6 +93,18 @@ def run(argv) -> None:
     config_path = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
 
+    if FLAGS.mode == "summary":
+        from resnet_jax import summary
+
+        print(summary.summarize(config))
+        return
+    if FLAGS.mode == "predict":
+        from resnet_jax import predict
+
+        if len(argv) < 2:
+            raise Error("--mode predict needs IMAGE files: python run.py --config ... --mode predict a.png b.jpg")
+        failures = predict.predict_files(config, workdir, argv[1:], as_json=FLAGS.json)
+        sys.exit(1 if failures else 0)
     if FLAGS.mode == "eval":
         report = evaluate.evaluate_checkpoint(config, workdir)
         print(

@@ -10,7 +10,7 @@ def get_config():
     config.model.name = "resnet8"
     config.model.num_filters = 8
     config.batch_size = 64
-    config.eval_batch_size = 250
+    config.eval_batch_size = 200
     config.learning_rate = 0.1
     config.base_batch_size = 64
     config.warmup_epochs = 0.5

@@ -27,3 +27,32 @@ def plot_confusion(confusion, class_names, path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_curves(workdir: str) -> str:
+    """Draws workdir/curves.png from workdir/metrics.jsonl: loss, accuracy and learning rate
+    against epoch, train and test. Returns the path written."""
+    import os
+
+    from resnet_jax.workdir import read_metrics
+
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    split = {s: sorted((r for r in records if r["split"] == s), key=lambda r: r["step"]) for s in ("train", "test")}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
+    for name, ax in zip(("loss", "accuracy"), axes):
+        for s, style in (("train", "-"), ("test", "o-")):
+            if split[s]:
+                ax.plot([r["epoch"] for r in split[s]], [r[name] for r in split[s]], style, label=s, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[2].plot([r["epoch"] for r in split["train"]], [r["learning_rate"] for r in split["train"]])
+    axes[2].set_title("learning rate")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path

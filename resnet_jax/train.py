@@ -25,7 +25,7 @@ from flax import jax_utils
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoints, input_pipeline, models, workdir as workdir_lib
+from resnet_jax import checkpoints, input_pipeline, models, plots, workdir as workdir_lib
 from resnet_jax.errors import RunFailure
 
 AXIS = "batch"
@@ -61,10 +61,10 @@ def steps_per_epoch(config, num_train_examples: int) -> int:
     return num_train_examples // config.batch_size
 
 
-def total_steps(config, steps_per_epoch_: int) -> int:
+def total_steps(config, steps_per_epoch: int) -> int:
     if config.num_train_steps > 0:
         return config.num_train_steps
-    return max(1, int(math.ceil(config.num_epochs * steps_per_epoch_)))
+    return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
 
 
 def peak_learning_rate(config) -> float:
@@ -72,9 +72,9 @@ def peak_learning_rate(config) -> float:
     return config.learning_rate * config.batch_size / config.base_batch_size
 
 
-def create_learning_rate_fn(config, steps_per_epoch_: int, num_steps: int) -> optax.Schedule:
+def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
     peak = peak_learning_rate(config)
-    warmup = int(config.warmup_epochs * steps_per_epoch_)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1))
     if config.schedule == "piecewise":
@@ -351,6 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                 if log:
                     log.write(record)
                     _report(progress, record)
+                    plots.plot_curves(workdir)
                 save(step, {"accuracy": result["accuracy"]})
                 timer = (time.perf_counter(), step)
             elif step % config.checkpoint_every_steps == 0:

@@ -1,0 +1,102 @@
+"""Config files load and validate; the CLI rejects bad flags with one line and exit code 2."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from conftest import ROOT, run_cli
+from resnet_jax import train, validation
+from resnet_jax.errors import Error
+
+CONFIG_NAMES = sorted(
+    os.path.splitext(os.path.basename(p))[0]
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith("__init__.py")
+)
+
+
+def load(name):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def test_the_configs_the_readme_promises_exist():
+    assert {"default", "resnet18", "resnet20", "resnet56", "resnet110", "seed", "smoke"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_loads_and_validates(name):
+    config = load(name)
+    validation.validate(config, device_count=1)
+    if config.batch_size % 8 == 0:
+        validation.validate(config, device_count=8)
+
+
+def test_flagship_and_he_recipes():
+    r18 = load("resnet18")
+    assert (r18.model.name, r18.model.stem, r18.batch_size, r18.nesterov) == ("resnet18", "cifar", 512, True)
+    assert train.peak_learning_rate(r18) == pytest.approx(0.2)
+    assert (r18.weight_decay, r18.label_smoothing, r18.schedule) == (5e-4, 0.1, "cosine")
+    for name in ("resnet20", "resnet56", "resnet110"):
+        he = load(name)
+        assert (he.batch_size, train.peak_learning_rate(he), he.weight_decay, he.num_epochs) == (128, 0.1, 1e-4, 164)
+        schedule = train.create_learning_rate_fn(he, steps_per_epoch=100, num_steps=16400)
+        assert [float(schedule(s)) for s in (0, 8199, 8200, 12299, 12300)] == pytest.approx(
+            [0.1, 0.1, 0.01, 0.01, 0.001]
+        )
+    seed = load("seed")
+    assert (seed.model.stem, seed.batch_size, seed.learning_rate, seed.data.augment) == ("imagenet", 4, 0.001, False)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.model.name=resnet19", "model.name='resnet19' is not one of: resnet101"),
+        ("--config.data.name=mnist", "data.name='mnist' is not one of: cifar10, cifar100"),
+        ("--config.model.dtype=float16", "model.dtype='float16' is not one of: float32, bfloat16"),
+        ("--config.batch_size=0", "batch_size must be positive"),
+        ("--config.learning_rate=-0.1", "learning_rate must be positive"),
+        ("--config.num_epochs=0", "num_epochs must be positive"),
+        ("--config.batch_size=100", "batch_size=100 is not divisible by the 8 devices"),
+        ("--config.eval_batch_size=12", "eval_batch_size=12 is not divisible by the 8 devices"),
+        ("--config.schedule=linear", "schedule='linear' is not one of"),
+        ("--config.eval_checkpoint_step=last", "eval_checkpoint_step must be 'latest', 'best' or a step"),
+    ],
+)
+def test_invalid_values_are_rejected_before_anything_runs(tmp_path, override, message):
+    result = run_cli("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"), override)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0  # one line
+    assert not (tmp_path / "w").exists()  # nothing created
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.unknown=1"], "unknown config field 'unknown'"),
+        (["--config.batch_sise=8"], 'Did you mean "batch_size"'),
+        (["--config.batch_size=abc"], "--config.batch_size=abc"),
+        (["--mode=fly"], "--mode=fly: value should be one of"),
+        (["--config", "configs/missing.py"], "No such file or directory: 'configs/missing.py'"),
+        (["stray_argument"], "unexpected arguments: stray_argument"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
+    if "--config" not in args:
+        args = ["--config", "configs/smoke.py", *args]
+    result = run_cli(*args, "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0
+
+
+def test_a_config_file_that_raises_is_reported(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config():\n    raise ValueError('boom in config')\n")
+    result = run_cli("--config", str(bad))
+    assert result.returncode == 2
+    assert "ValueError: boom in config" in result.stderr and "Traceback" not in result.stderr

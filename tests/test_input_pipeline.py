@@ -1,0 +1,235 @@
+"""The input pipeline on real-format tfds data: reading, batching, sharding, augmentation, errors."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from configs import default
+from resnet_jax import input_pipeline
+from resnet_jax.errors import Error
+
+
+def data_config(data_dir, **overrides):
+    config = default.get_config().data
+    config.data_dir = data_dir
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def dataset(small_data_dir):
+    return input_pipeline.load_dataset(data_config(small_data_dir))
+
+
+def test_loads_both_splits_as_uint8_with_names_and_stats(dataset):
+    assert dataset.train_images.shape == (2000, 32, 32, 3) and dataset.train_images.dtype == np.uint8
+    assert dataset.test_images.shape == (500, 32, 32, 3) and dataset.test_images.dtype == np.uint8
+    assert dataset.train_labels.dtype == np.int32 and dataset.train_labels.shape == (2000,)
+    assert dataset.class_names[:3] == ("airplane", "automobile", "bird") and dataset.num_classes == 10
+    assert np.bincount(dataset.train_labels).tolist() == [200] * 10  # the balanced subset
+    # CIFAR-10's well-known per-channel statistics, give or take the subset.
+    np.testing.assert_allclose(dataset.mean, [125.3, 123.0, 113.9], atol=4)
+    np.testing.assert_allclose(dataset.std, [63.0, 62.1, 66.7], atol=4)
+
+
+def test_channel_stats_match_numpy():
+    images = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
+    mean, std = input_pipeline.channel_stats(images)
+    np.testing.assert_allclose(mean, images.reshape(-1, 3).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, images.reshape(-1, 3).std(0), rtol=1e-5)
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_step():
+    kw = dict(num_examples=1000, batch_size=64, seed=3)
+    first = input_pipeline.train_indices(5, **kw)
+    input_pipeline._permutation.cache_clear()
+    np.testing.assert_array_equal(input_pipeline.train_indices(5, **kw), first)  # as after a restore
+    assert not np.array_equal(input_pipeline.train_indices(6, **kw), first)
+    assert not np.array_equal(input_pipeline.train_indices(5, **{**kw, "seed": 4}), first)
+    # An epoch (15 steps of 64 from 1000) visits distinct examples and drops the remainder.
+    epoch = np.concatenate([input_pipeline.train_indices(s, **kw) for s in range(15)])
+    assert len(np.unique(epoch)) == 15 * 64
+    # The next epoch is a different order.
+    assert not np.array_equal(input_pipeline.train_indices(15, **kw), input_pipeline.train_indices(0, **kw))
+
+
+def test_resumed_stream_equals_the_uninterrupted_one():
+    images = np.arange(300 * 2 * 2 * 1, dtype=np.uint8).reshape(300, 2, 2, 1)
+    labels = np.arange(300, dtype=np.int32)
+    kw = dict(batch_size=32, seed=0, num_devices=8)
+    uninterrupted = [input_pipeline.train_batch(images, labels, s, **kw) for s in range(20)]
+    input_pipeline._permutation.cache_clear()  # a fresh process restored at step 13
+    for step in range(13, 20):
+        resumed = input_pipeline.train_batch(images, labels, step, **kw)
+        for key in resumed:
+            np.testing.assert_array_equal(resumed[key], uninterrupted[step][key])
+
+
+def test_process_slices_are_disjoint_and_complete():
+    labels = np.arange(1000, dtype=np.int32)
+    images = np.zeros((1000, 1, 1, 1), np.uint8)
+    for processes in (1, 2, 4):
+        parts = [
+            input_pipeline.train_batch(
+                images, labels, 7, batch_size=64, seed=1, process_index=p, process_count=processes,
+                num_devices=8 // processes,
+            )
+            for p in range(processes)
+        ]
+        for part in parts:
+            assert part["label"].shape == (8 // processes, 8)
+        got = np.concatenate([p["label"].reshape(-1) for p in parts])
+        np.testing.assert_array_equal(got, input_pipeline.train_indices(7, num_examples=1000, batch_size=64, seed=1))
+        np.testing.assert_array_equal(np.concatenate([p["position"].reshape(-1) for p in parts]), np.arange(64))
+
+
+@pytest.mark.parametrize("processes,devices", [(1, 8), (2, 4), (1, 1)])
+def test_eval_sees_every_example_exactly_once(processes, devices):
+    n = 1003
+    labels = np.arange(n, dtype=np.int32)
+    images = np.zeros((n, 1, 1, 1), np.uint8)
+    seen = []
+    for p in range(processes):
+        for batch in input_pipeline.eval_batches(
+            images, labels, batch_size=80, process_index=p, process_count=processes, num_devices=devices
+        ):
+            assert batch["image"].shape[:2] == (devices, 80 // processes // devices)
+            seen.extend(batch["label"][batch["mask"] == 1].tolist())
+    assert sorted(seen) == list(range(n))
+
+
+def known_images(n=6, size=8):
+    return jnp.asarray(np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["zero", "reflect"])
+def test_crop_is_a_window_of_the_padded_image_and_flip_mirrors_it(mode):
+    images = known_images()
+    out, keep = input_pipeline.augment(
+        jax.random.key(0), images, jnp.arange(6), crop_padding=2, padding_mode=mode
+    )
+    assert out.dtype == jnp.uint8 and out.shape == images.shape
+    np.testing.assert_array_equal(keep, 1.0)
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode={"zero": "constant", "reflect": "reflect"}[mode])
+    windows = set()
+    for i in range(6):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(5) for dx in range(5) for flip in (False, True)
+            if np.array_equal(
+                np.asarray(out[i]), padded[i, dy : dy + 8, dx : dx + 8][:, ::-1] if flip else padded[i, dy : dy + 8, dx : dx + 8]
+            )
+        ]
+        assert matches, f"example {i} is not a (mirrored) window of its padded image"
+        windows.add(matches[0])
+    assert len(windows) > 1  # examples get different crops
+
+
+def test_augmentation_depends_on_position_not_on_device_layout():
+    images = known_images(8)
+    positions = jnp.arange(8)
+    key = jax.random.key(42)
+    whole, _ = input_pipeline.augment(key, images, positions)
+    halves = [input_pipeline.augment(key, images[s], positions[s])[0] for s in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_array_equal(whole, np.concatenate(halves))
+    # Identical images at different positions are augmented differently.
+    same = jnp.broadcast_to(images[:1], images.shape)
+    out, _ = input_pipeline.augment(key, same, positions)
+    assert len({np.asarray(o).tobytes() for o in out}) > 1
+
+
+def test_cutout_erases_a_square_after_normalisation():
+    images = jnp.full((4, 16, 16, 3), 200, jnp.uint8)
+    config = ml_collections.ConfigDict(dict(crop_padding=0, padding_mode="zero", cutout=6))
+    out = input_pipeline.preprocess(
+        images, [100.0] * 3, [50.0] * 3, jnp.float32, key=jax.random.key(0), positions=jnp.arange(4), data_config=config
+    )
+    for x in np.asarray(out):
+        erased = (x == 0).all(-1)
+        assert 0 < erased.sum() <= 36
+        assert set(np.unique(x)) <= {0.0, 2.0}
+
+
+def test_preprocess_normalises_and_follows_the_dtype():
+    images = jnp.full((2, 4, 4, 3), 255, jnp.uint8)
+    out = input_pipeline.preprocess(images, [127.5] * 3, [127.5] * 3, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 1.0)
+
+
+def test_missing_data_offline_fails_fast_with_one_line(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(Error) as e:
+        input_pipeline.load_dataset(data_config(str(tmp_path)))
+    message = str(e.value)
+    assert "\n" not in message
+    assert "cifar10 3.0.2 is not prepared in " + str(tmp_path) in message
+    assert "www.cs.toronto.edu:443 unreachable: Network is unreachable" in message
+    assert "--config.data.data_dir" in message and "copy that folder" in message
+    assert not (tmp_path / "downloads").exists()
+
+
+def test_missing_data_without_download(tmp_path):
+    with pytest.raises(Error, match="not prepared in .*data.download is False"):
+        input_pipeline.load_dataset(data_config(str(tmp_path), download=False))
+
+
+def test_truncated_record_files_give_a_clear_error(small_data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(small_data_dir, copy)
+    shard = copy / "cifar10" / "3.0.2" / "cifar10-train.array_record-00000-of-00001"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(Error, match="train split of cifar10 .*(truncated or corrupt)"):
+        input_pipeline.load_dataset(data_config(str(copy)))
+
+
+def test_unreadable_data_dir_gives_a_clear_error(small_data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(small_data_dir, copy)
+    shard = copy / "cifar10" / "3.0.2" / "cifar10-test.array_record-00000-of-00001"
+    shard.unlink()
+    with pytest.raises(Error, match="test split of cifar10"):
+        input_pipeline.load_dataset(data_config(str(copy)))
+
+
+def test_training_on_array_record_data_never_imports_tensorflow(small_data_dir):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import jax
+        from flax import jax_utils
+        from configs import smoke
+        from resnet_jax import input_pipeline, train
+        config = smoke.get_config()
+        config.data.data_dir = {small_data_dir!r}
+        dataset = input_pipeline.load_dataset(config.data)
+        setup = train.Setup(config, dataset)
+        state = jax_utils.replicate(setup.initial_state)
+        batch = input_pipeline.train_batch(dataset.train_images, dataset.train_labels, 0,
+            batch_size=config.batch_size, seed=0, num_devices=jax.local_device_count())
+        state, metrics = setup.p_train_step()(state, batch)
+        jax.block_until_ready(metrics)
+        print("tensorflow" in sys.modules, jax.local_device_count())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "8"]

@@ -1,0 +1,134 @@
+"""The model zoo: shapes, exact parameter counts, BatchNorm state, dtypes, registry."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import models
+
+# torchvision / He et al. reference parameter counts with num_classes=10.
+REFERENCE_COUNTS = [
+    ("resnet18", "cifar", 11_173_962),
+    ("resnet18", "imagenet", 11_181_642),
+    ("resnet34", "cifar", 21_282_122),
+    ("resnet50", "cifar", 23_520_842),
+    ("resnet101", "cifar", 42_512_970),
+    ("resnet20", None, 269_722),
+    ("resnet32", None, 464_154),
+    ("resnet56", None, 853_018),
+    ("resnet110", None, 1_727_962),
+]
+
+
+def abstract_variables(model):
+    init = functools.partial(model.init, train=False)
+    return jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("name,stem,expected", REFERENCE_COUNTS)
+def test_parameter_counts_match_reference(name, stem, expected):
+    model = models.get_model(name, num_classes=10, **({"stem": stem} if stem else {}))
+    assert models.num_params(abstract_variables(model)["params"]) == expected
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_maps_32x32_images_to_logits(name):
+    model = models.get_model(name, num_classes=7)
+    variables = abstract_variables(model)
+    logits = jax.eval_shape(
+        functools.partial(model.apply, train=False), variables, jnp.zeros((2, 32, 32, 3))
+    )
+    chex.assert_shape(logits, (2, 7))
+    assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_small_resnet_runs_forward_with_both_stems(stem):
+    model = models.get_model("resnet18", num_classes=10, stem=stem, num_filters=4)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    logits = model.apply(variables, x, train=False)
+    chex.assert_shape(logits, (2, 10))
+    chex.assert_tree_all_finite(logits)
+
+
+def tiny_model(**kw):
+    return models.get_model("resnet8", num_classes=10, num_filters=4, **kw)
+
+
+def test_batch_norm_statistics_update_in_train_mode_only():
+    model = tiny_model()
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3)) * 3 + 1
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    changed = jax.tree_util.tree_map(
+        lambda a, b: not np.allclose(a, b), variables["batch_stats"], updates["batch_stats"]
+    )
+    assert all(jax.tree_util.tree_leaves(changed))
+    # Eval mode uses the running statistics and leaves them untouched.
+    logits, state = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    chex.assert_trees_all_equal(state["batch_stats"], variables["batch_stats"])
+    # ... and so its output does not depend on the rest of the batch.
+    chex.assert_trees_all_close(model.apply(variables, x[:1], train=False), logits[:1], atol=1e-5)
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params_and_stats():
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    f32 = tiny_model()
+    bf16 = tiny_model(dtype=jnp.bfloat16)
+    variables = bf16.init(jax.random.key(0), x, train=False)
+    for leaf in jax.tree_util.tree_leaves(variables):
+        assert leaf.dtype == jnp.float32
+    _, updates = bf16.apply(variables, x, train=True, mutable=["batch_stats"])
+    for leaf in jax.tree_util.tree_leaves(updates):
+        assert leaf.dtype == jnp.float32
+    hidden = jax.eval_shape(
+        lambda v, x: bf16.apply(v, x, train=False, capture_intermediates=True)[1], variables, x
+    )
+    assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(hidden))
+    # Same weights: bf16 logits close to the float32 ones.
+    ref = f32.apply(variables, x, train=False)
+    out = bf16.apply(variables, x, train=False)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)
+
+
+def test_kaiming_fan_out_init_and_zero_init_residual():
+    model = models.get_model("resnet18", num_classes=10, stem="cifar", zero_init_residual=True)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    kernel = params["stage2_block1"]["conv2"]["kernel"]  # 3x3x128x128
+    np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / (3 * 3 * 128)), rtol=0.05)
+    np.testing.assert_array_equal(params["stage2_block1"]["bn2"]["scale"], 0.0)
+    np.testing.assert_array_equal(params["stage2_block1"]["bn1"]["scale"], 1.0)
+    np.testing.assert_array_equal(params["stage2_block1"]["bn1"]["bias"], 0.0)
+    default = models.get_model("resnet18", num_classes=10).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
+    )["params"]
+    np.testing.assert_array_equal(default["stage2_block1"]["bn2"]["scale"], 1.0)
+
+
+def test_projection_shortcut_only_where_shape_changes():
+    params = abstract_variables(models.get_model("resnet18", num_classes=10))["params"]
+    with_proj = sorted(k for k, v in params.items() if "proj_conv" in v)
+    assert with_proj == ["stage2_block1", "stage3_block1", "stage4_block1"]
+    # He et al.'s option A shortcuts have no parameters at all.
+    params = abstract_variables(models.get_model("resnet20", num_classes=10))["params"]
+    assert not any("proj_conv" in v for v in params.values() if isinstance(v, dict))
+
+
+def test_zero_pad_shortcut_subsamples_and_pads_channels():
+    x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+    y = models.zero_pad_shortcut(x, 7, (2, 2))
+    chex.assert_shape(y, (2, 2, 2, 7))
+    np.testing.assert_array_equal(y[..., 2:5], x[:, ::2, ::2, :])
+    np.testing.assert_array_equal(y[..., :2], 0)
+    np.testing.assert_array_equal(y[..., 5:], 0)
+
+
+def test_get_model_rejects_unknown_names_listing_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'resnet19'.*resnet18.*resnet20"):
+        models.get_model("resnet19", num_classes=10)
