@@ -66,6 +66,12 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Keeps our log lines and the libraries' errors; drops orbax/tfds/jax chatter."""
+    ours = record.pathname.startswith(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resnet_jax"))
+    return ours or record.levelno >= logging.ERROR
+
+
 def main(argv):
     try:
         run(argv)
@@ -79,9 +85,9 @@ def run(argv) -> None:
         raise Error(f"unexpected arguments: {' '.join(argv[1:])} (only --mode predict takes IMAGE files)")
     if FLAGS.config is None:
         raise Error("--config is required, for example --config configs/resnet18.py")
-    for name in ("absl", "orbax", "jax", "tensorflow_datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_libraries)
 
     initialize_distributed()
     import jax

@@ -118,6 +118,10 @@ def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
         raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable: {e}") from None
 
 
-def host_state(replicated_state):
-    """The first device's copy of a replicated state, on the host (safe to keep across donation)."""
-    return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], replicated_state))
+def first_replica(tree):
+    """This process's first-device copy of a replicated (pmapped) tree, as host numpy arrays.
+
+    Reads local data only: indexing `x[0]` would be a cross-process computation in a
+    multi-host run.
+    """
+    return jax.device_get(jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree))

@@ -1,10 +1,20 @@
-"""Plots of a run, drawn with matplotlib's headless backend."""
+"""Plots of a run, drawn with matplotlib's headless backend.
+
+    python -m resnet_jax.plots WORKDIR    # redraws WORKDIR/curves.png, also while the run goes on
+"""
+
+import argparse
+import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from resnet_jax.errors import Error  # noqa: E402
+from resnet_jax.workdir import read_metrics  # noqa: E402
 
 
 def plot_confusion(confusion, class_names, path: str, title: str = "") -> None:
@@ -32,17 +42,19 @@ def plot_confusion(confusion, class_names, path: str, title: str = "") -> None:
 def plot_curves(workdir: str) -> str:
     """Draws workdir/curves.png from workdir/metrics.jsonl: loss, accuracy and learning rate
     against epoch, train and test. Returns the path written."""
-    import os
-
-    from resnet_jax.workdir import read_metrics
-
-    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    records = read_metrics(metrics)
+    if not records:
+        raise Error(f"no metrics in {metrics}: not a run's --workdir, or the run has not logged yet")
     split = {s: sorted((r for r in records if r["split"] == s), key=lambda r: r["step"]) for s in ("train", "test")}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
     for name, ax in zip(("loss", "accuracy"), axes):
-        for s, style in (("train", "-"), ("test", "o-")):
+        for s in ("train", "test"):
             if split[s]:
-                ax.plot([r["epoch"] for r in split[s]], [r[name] for r in split[s]], style, label=s, markersize=3)
+                # Test points are few, so marked; so is a lone train point, which a line would not show.
+                marker = "o" if s == "test" or len(split[s]) == 1 else None
+                epochs, values = [r["epoch"] for r in split[s]], [r[name] for r in split[s]]
+                ax.plot(epochs, values, marker=marker, markersize=3, label=s)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -53,6 +65,32 @@ def plot_curves(workdir: str) -> str:
     axes[2].grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(workdir, "curves.png")
-    fig.savefig(path)
+    # Written aside then renamed: a viewer, or the run and this module's command drawing at
+    # the same time, never see a half-written file.
+    partial = f"{path}.{os.getpid()}.tmp"
+    fig.savefig(partial, format="png")
     plt.close(fig)
+    os.replace(partial, path)
     return path
+
+
+def main(argv=None) -> int:
+    """`python -m resnet_jax.plots WORKDIR`: redraws a run's curves; 0 on success, 2 on an error."""
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_jax.plots", description="Redraws WORKDIR/curves.png from WORKDIR/metrics.jsonl."
+    )
+    parser.add_argument("workdir", help="a run's --workdir (finished or still running)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"wrote {plot_curves(args.workdir)}")
+    except Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # An unwritable workdir, an unreadable metrics.jsonl.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,9 +32,17 @@ AXIS = "batch"
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimizer state and step, plus the explicit BatchNorm statistics."""
+    """Params, optimizer state and step, plus the explicit BatchNorm statistics and the sums
+    of the train metrics since the last record (so a resumed run logs exactly what an
+    uninterrupted one would)."""
 
     batch_stats: Any
+    train_metrics: Any
+
+
+def empty_train_metrics():
+    """Sums of loss and accuracy over `count` steps, and the first step whose loss was not finite."""
+    return {"loss": jnp.float32(0), "accuracy": jnp.float32(0), "count": jnp.int32(0), "first_nonfinite_step": jnp.int32(-1)}
 
 
 # ------------------------------------------------------------------------------- setup
@@ -115,6 +123,7 @@ def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32
         params=variables["params"],
         tx=create_optimizer(config, learning_rate_fn),
         batch_stats=variables["batch_stats"],
+        train_metrics=empty_train_metrics(),
     )
 
 
@@ -127,7 +136,7 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, learning_rate_fn, label_smoothing):
+def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, label_smoothing):
     """One SGD step on this device's part of the global batch; gradients are averaged over AXIS."""
     images = preprocess_fn(batch["image"], key=jax.random.fold_in(aug_key, state.step), positions=batch["position"])
     num_classes = state.params["head"]["bias"].shape[-1]
@@ -144,13 +153,16 @@ def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, le
     # Without sync BN each device normalises by its own batch; averaging the running
     # statistics keeps the state identical on every device all the same.
     batch_stats = jax.lax.pmean(batch_stats, AXIS)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        "learning_rate": learning_rate_fn(state.step),
+    loss, accuracy = jax.lax.pmean((loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"])), AXIS)
+    sums = state.train_metrics
+    first_bad = jnp.where((sums["first_nonfinite_step"] < 0) & ~jnp.isfinite(loss), state.step + 1, sums["first_nonfinite_step"])
+    train_metrics = {
+        "loss": sums["loss"] + loss,
+        "accuracy": sums["accuracy"] + accuracy,
+        "count": sums["count"] + 1,
+        "first_nonfinite_step": first_bad.astype(jnp.int32),
     }
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return new_state, jax.lax.pmean(metrics, AXIS)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats, train_metrics=train_metrics)
 
 
 def eval_step(state: TrainState, batch, *, preprocess_fn: Callable):
@@ -187,7 +199,7 @@ def evaluate(p_eval_step, state, dataset, config) -> dict:
     ):
         sums = p_eval_step(state, batch)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], totals))
+    totals = checkpoints.first_replica(totals)
     confusion = np.asarray(totals["confusion"], np.int64)
     count = int(confusion.sum())
     return {
@@ -245,7 +257,7 @@ class Setup:
             data_config=config.data if config.data.augment else None,
         )
 
-    def p_train_step(self):
+    def p_train_step(self, devices=None):
         preprocess = self.preprocess_fn
         if not self.config.data.augment:  # The tutorial's pipeline: normalise only.
             preprocess = lambda images, key, positions: self.preprocess_fn(images)  # noqa: E731
@@ -254,15 +266,15 @@ class Setup:
                 train_step,
                 preprocess_fn=preprocess,
                 aug_key=self.aug_key,
-                learning_rate_fn=self.learning_rate_fn,
                 label_smoothing=self.config.label_smoothing,
             ),
             axis_name=AXIS,
             donate_argnums=(0,),
+            devices=devices,
         )
 
-    def p_eval_step(self):
-        return jax.pmap(functools.partial(eval_step, preprocess_fn=self.preprocess_fn), axis_name=AXIS)
+    def p_eval_step(self, devices=None):
+        return jax.pmap(functools.partial(eval_step, preprocess_fn=self.preprocess_fn), axis_name=AXIS, devices=devices)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=None, config_path: str = "CONFIG") -> TrainState:
@@ -291,28 +303,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
     p_eval_step = setup.p_eval_step()
     state = jax_utils.replicate(state)
     progress = _progress_bar(is_main, start_step, num_steps)
-    pending = []  # (step, device metrics) not yet fetched
-    window = []  # fetched train metrics since the last record
     last_saved = start_step if start_step else None
     timer = (time.perf_counter(), start_step)
 
-    def fetch_and_check():
-        """Brings pending metrics to the host; stops on a non-finite loss before anything is saved."""
-        for step, metrics in jax.device_get(pending):
-            metrics = {k: float(v[0]) for k, v in metrics.items()}
-            if not math.isfinite(metrics["loss"]):
-                where = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
-                raise RunFailure(
-                    f"loss became {metrics['loss']} at step {step}; {where} in {checkpoints.checkpoint_dir(workdir)}. "
-                    f"Lower --config.learning_rate or set --config.grad_clip_norm"
-                )
-            window.append(metrics)
-        pending.clear()
+    def fetch_train_metrics():
+        """The metric sums since the last record, on the host; stops on a non-finite loss."""
+        sums = checkpoints.first_replica(state.train_metrics)
+        bad = int(sums["first_nonfinite_step"])
+        if bad >= 0:
+            where = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+            raise RunFailure(
+                f"the loss became {float(sums['loss'])} (not finite) at step {bad}; {where} in "
+                f"{checkpoints.checkpoint_dir(workdir)}. Lower --config.learning_rate or set --config.grad_clip_norm"
+            )
+        return sums
 
     def save(step, metrics=None):
         nonlocal last_saved
-        fetch_and_check()
-        checkpoints.save(manager, checkpoints.host_state(state), metrics)
+        fetch_train_metrics()  # Never save a non-finite state.
+        checkpoints.save(manager, checkpoints.first_replica(state), metrics)
         last_saved = step
 
     with _StopSignal() as stop:
@@ -324,23 +333,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 num_devices=jax.local_device_count(),
             )
-            state, metrics = p_train_step(state, batch)
+            state = p_train_step(state, batch)
             step += 1
-            pending.append((step, metrics))
             if progress:
                 progress.update(1)
 
             if step % config.log_every_steps == 0 or step == num_steps:
-                fetch_and_check()
+                sums = fetch_train_metrics()
                 now = time.perf_counter()
-                images_per_sec = (step - timer[1]) * config.batch_size / (now - timer[0])
+                record = {
+                    "step": step, "epoch": step / spe, "split": "train",
+                    "loss": float(sums["loss"] / sums["count"]), "accuracy": float(sums["accuracy"] / sums["count"]),
+                    "learning_rate": float(setup.learning_rate_fn(step - 1)),
+                    "images_per_sec": (step - timer[1]) * config.batch_size / (now - timer[0]),
+                }
                 timer = (now, step)
-                record = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "accuracy")}
-                record.update(
-                    step=step, epoch=step / spe, split="train",
-                    learning_rate=window[-1]["learning_rate"], images_per_sec=images_per_sec,
-                )
-                window.clear()
+                state = state.replace(train_metrics=jax_utils.replicate(empty_train_metrics()))
                 if log:
                     log.write(record)
                     _report(progress, record)
@@ -375,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
         progress.close()
     if log:
         log.close()
-    return checkpoints.host_state(state)
+    return checkpoints.first_replica(state)
 
 
 def _progress_bar(is_main: bool, start: int, total: int):

@@ -1,0 +1,43 @@
+"""`--mode summary`: the configured model's table, drawn by Flax's own `nn.tabulate`.
+
+One row per top-level layer (stem, residual blocks, head) with its output shape, its
+forward FLOPs on one 32x32 image (XLA's cost estimate) and its variables; then the
+totals. Only the config is needed: no data set, no checkpoint.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from resnet_jax import models, train
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+IMAGE_SHAPE = (32, 32, 3)
+WIDTH = 160  # characters: wide enough that rich does not abbreviate the shapes
+
+
+def forward_flops(model, variables, image) -> int:
+    """XLA's estimate of the FLOPs of one inference forward pass on `image`."""
+    apply = functools.partial(model.apply, train=False)
+    return int(jax.jit(apply).lower(variables, image).cost_analysis()["flops"])
+
+
+def summarize(config) -> str:
+    """Flax's table of `config`'s model on one image, then its parameter and FLOP totals."""
+    num_classes = NUM_CLASSES[config.data.name]
+    model = train.create_model(config, num_classes)
+    image = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
+    rng = jax.random.key(0)
+    table = nn.tabulate(
+        model, rng, depth=1, compute_flops=True, console_kwargs={"force_terminal": False, "width": WIDTH}
+    )(image, train=False)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), rng, image)
+    params, stats = models.num_params(variables["params"]), models.num_params(variables["batch_stats"])
+    lines = [line.rstrip() for line in table.splitlines()]
+    return "\n".join(lines + [
+        f"{config.model.name} for {config.data.name} ({num_classes} classes, {config.model.dtype}): "
+        f"{params:,} trained parameters + {stats:,} BatchNorm statistics = {params + stats:,} variables",
+        f"Forward FLOPs per 32x32 image: {forward_flops(model, variables, image):,}",
+    ])

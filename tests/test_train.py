@@ -1,0 +1,243 @@
+"""Training core: pmap across devices, optimizer, schedules, and whole runs through run.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import chex
+import flax.serialization
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import jax_utils
+
+from conftest import ROOT, run_cli
+from configs import smoke
+from resnet_jax import checkpoints, input_pipeline, train
+from resnet_jax.workdir import read_metrics
+
+
+def synthetic_dataset(n=256, classes=10):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    return input_pipeline.Dataset(
+        name="synthetic", class_names=tuple(map(str, range(classes))),
+        train_images=images, train_labels=labels, test_images=images[:100], test_labels=labels[:100],
+        mean=np.full(3, 120.0, np.float32), std=np.full(3, 60.0, np.float32),
+    )
+
+
+def run_steps(config, dataset, num_devices, steps=3):
+    devices = jax.local_devices()[:num_devices]
+    setup = train.Setup(config, dataset)
+    state = jax_utils.replicate(setup.initial_state, devices=devices)
+    p_train_step = setup.p_train_step(devices=devices)
+    for step in range(steps):
+        batch = input_pipeline.train_batch(
+            dataset.train_images, dataset.train_labels, step, batch_size=config.batch_size, seed=0, num_devices=num_devices
+        )
+        state = p_train_step(state, batch)
+    return checkpoints.first_replica(state)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return synthetic_dataset()
+
+
+def test_eight_devices_equal_one_device_with_sync_batch_norm(dataset):
+    config = smoke.get_config()
+    one = run_steps(config, dataset, 1)
+    eight = run_steps(config, dataset, 8)
+    assert int(eight.step) == 3
+    chex.assert_trees_all_close(eight.params, one.params, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(eight.batch_stats, one.batch_stats, rtol=1e-4, atol=1e-5)
+    # Something was learned: the params moved well beyond that tolerance.
+    start = train.Setup(config, dataset).initial_state.params
+    assert max(np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(start))) > 1e-2
+
+
+def test_without_sync_batch_norm_devices_normalise_locally(dataset):
+    config = smoke.get_config()
+    config.model.sync_batch_norm = False
+    one = run_steps(config, dataset, 1)
+    eight = run_steps(config, dataset, 8)
+    diffs = [np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params))]
+    assert max(diffs) > 1e-3
+
+
+def test_weight_decay_masks_kernels_only():
+    params = {"conv": {"kernel": np.ones((3, 3, 1, 1))}, "bn": {"scale": np.ones(1), "bias": np.ones(1)},
+              "head": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
+    assert train.decay_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
+                                        "head": {"kernel": True, "bias": False}}
+    config = smoke.get_config()
+    config.momentum, config.weight_decay = 0.0, 0.5
+    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    zeros = jax.tree_util.tree_map(np.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert float(updates["conv"]["kernel"].max()) == -0.5 and float(updates["bn"]["scale"].max()) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "piecewise", "onecycle", "constant"])
+def test_schedules_peak_at_the_scaled_learning_rate(schedule):
+    config = smoke.get_config()
+    config.schedule, config.warmup_epochs, config.batch_size, config.base_batch_size = schedule, 1.0, 128, 64
+    fn = train.create_learning_rate_fn(config, steps_per_epoch=10, num_steps=100)
+    values = np.array([float(fn(s)) for s in range(101)])
+    assert values.max() == pytest.approx(0.2, rel=1e-3)  # 0.1 * 128 / 64
+    if schedule in ("cosine", "constant"):
+        assert values[0] == 0.0 and values[10] == pytest.approx(0.2)  # one warmup epoch
+    if schedule in ("cosine", "onecycle"):
+        assert values[100] < 1e-3
+
+
+def test_deprecation_warnings_from_our_code_fail_the_suite():
+    with pytest.raises(DeprecationWarning):
+        warnings.warn_explicit("old API", DeprecationWarning, "train.py", 1, module="resnet_jax.train")
+
+
+# ------------------------------------------------------------------------ runs through run.py
+
+STEPS = 40  # 4 epochs of the 640-image set at batch 64
+
+
+def smoke_args(data_dir, workdir, *extra):
+    return ("--config", "configs/smoke.py", "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+            f"--config.num_train_steps={STEPS}", "--config.eval_every_epochs=2", "--config.checkpoint_every_steps=10",
+            "--config.log_every_steps=5", *extra)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data_dir, tmp_path_factory):
+    """An uninterrupted smoke run: the reference the other runs are compared against."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(*smoke_args(tiny_data_dir, workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def final_state(workdir, data_dir):
+    config = smoke.get_config()
+    config.data.data_dir = data_dir
+    setup = train.Setup(config, input_pipeline.load_dataset(config.data))
+    manager = checkpoints.create_manager(str(workdir), 3, read_only=True)
+    return checkpoints.restore_latest(manager, setup.initial_state)
+
+
+def test_run_writes_metrics_checkpoints_and_config(trained):
+    records = read_metrics(os.path.join(trained, "metrics.jsonl"))
+    train_records = [r for r in records if r["split"] == "train"]
+    test_records = [r for r in records if r["split"] == "test"]
+    assert [r["step"] for r in train_records] == list(range(5, STEPS + 1, 5))
+    assert [r["step"] for r in test_records] == [20, 40]
+    for r in train_records:
+        assert {"step", "epoch", "split", "loss", "accuracy", "learning_rate", "images_per_sec"} <= set(r)
+    assert train_records[-1]["epoch"] == 4.0
+    # The smoke config learns on real data.
+    assert np.mean([r["loss"] for r in train_records[-2:]]) < train_records[0]["loss"] - 0.1
+    assert json.load(open(os.path.join(trained, "config.json")))["model"]["name"] == "resnet8"
+    assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == ["20", "30", "40"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained))
+    assert os.path.exists(os.path.join(trained, "curves.png"))
+    assert not os.path.exists(os.path.join(trained, "lock"))
+
+
+def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_dir):
+    result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval",
+                     f"--config.data.data_dir={tiny_data_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval: step 40: accuracy" in result.stdout
+    report = json.load(open(os.path.join(trained, "eval_40.json")))
+    logged = [r for r in read_metrics(os.path.join(trained, "metrics.jsonl")) if r["split"] == "test"][-1]
+    assert report["num_examples"] == 100
+    assert report["accuracy"] == logged["accuracy"] and report["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+    confusion = np.array(report["confusion_matrix"])
+    assert confusion.sum() == 100 and confusion.sum(1).tolist() == [10] * 10
+    assert np.trace(confusion) / 100 == report["accuracy"]
+    assert set(report["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+    assert os.path.getsize(os.path.join(trained, "confusion_40.png")) > 1000
+    # A chosen step, and "best".
+    for which, step in (("20", 20), ("best", None)):
+        result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval",
+                         f"--config.data.data_dir={tiny_data_dir}", f"--config.eval_checkpoint_step={which}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        best = max((r for r in read_metrics(os.path.join(trained, "metrics.jsonl")) if r["split"] == "test"),
+                   key=lambda r: r["accuracy"])["step"]
+        assert f"eval: step {step or best}:" in result.stdout
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir, tmp_path):
+    workdir = tmp_path / "interrupted"
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(tiny_data_dir, workdir)]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"step": 15' in metrics.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopped by SIGTERM at step" in stdout and "Resume with: python run.py --config configs/smoke.py" in stdout
+    stopped_at = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 15 <= stopped_at < STEPS
+    assert str(stopped_at) in os.listdir(workdir / "checkpoints")
+
+    result = run_cli(*smoke_args(tiny_data_dir, workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = read_metrics(str(metrics))
+    reference = read_metrics(os.path.join(trained, "metrics.jsonl"))
+    strip = lambda records: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in records]  # noqa: E731
+    assert sorted(strip(resumed), key=lambda r: (r["step"], r["split"])) == sorted(
+        strip(reference), key=lambda r: (r["step"], r["split"])
+    )
+    chex.assert_trees_all_equal(
+        flax.serialization.to_state_dict(final_state(workdir, tiny_data_dir)),
+        flax.serialization.to_state_dict(final_state(trained, tiny_data_dir)),
+    )
+
+
+def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path):
+    args = ("--config.num_train_steps=6", "--config.log_every_steps=3", "--config.eval_every_epochs=100")
+    one = tmp_path / "one"
+    single = run_cli(*smoke_args(tiny_data_dir, one), *args,
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    two = tmp_path / "two"
+    port = 20000 + os.getpid() % 20000
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(tiny_data_dir, two), *args,
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (_, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    a = read_metrics(str(one / "metrics.jsonl"))
+    b = read_metrics(str(two / "metrics.jsonl"))
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b] == [
+        (3, "train"), (6, "train"), (6, "test")]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+        assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=1e-6)
+    assert "training resnet8 on cifar10: 6 steps (10 per epoch), 4 devices on 2 processes" in outputs[0][1]
