@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_jax.errors import Error
+from resnet_jax.errors import Error, RunFailure
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -75,6 +75,11 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 def main(argv):
     try:
         run(argv)
+    except RunFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # orbax's threads that wait on a failed save never finish: leave without joining them.
+        os._exit(e.exit_code)
     except Error as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

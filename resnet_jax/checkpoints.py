@@ -9,6 +9,7 @@ temporary folder is removed at the next start.
 
 import logging
 import os
+import sys
 from typing import Optional
 
 import flax.serialization
@@ -55,7 +56,7 @@ def save(manager: ocp.CheckpointManager, state, metrics: Optional[dict] = None) 
             force=True,
         )
     except Exception as e:
-        raise RunFailure(f"saving the checkpoint at step {step} failed: {e}; training stopped") from None
+        raise RunFailure(f"a checkpoint save failed before step {step} ({_short(e)}); training stopped") from None
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -63,27 +64,67 @@ def wait(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:
-        raise RunFailure(f"writing a checkpoint failed: {e}; training stopped") from None
+        raise RunFailure(f"writing a checkpoint failed ({_short(e)}); training stopped") from None
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Releases orbax's threads, also after a failed save (already reported by `wait`/`save`)."""
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001 - the failure was reported where it happened.
+        pass
 
 
 def _restore_step(manager, step: int, template):
+    _drop_failed_restore_noise()
     restored = manager.restore(
         step, args=ocp.args.StandardRestore(flax.serialization.to_state_dict(template))
     )
     return flax.serialization.from_state_dict(template, restored)
 
 
-def restore_latest(manager: ocp.CheckpointManager, template):
-    """Restores the newest usable checkpoint into `template`, skipping (with a warning) any
-    that cannot be read. Returns `template` if there are none; raises if all are unusable."""
+def _short(e: Exception, limit: int = 200) -> str:
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _drop_failed_restore_noise() -> None:
+    """A failed restore leaves tensorstore reads finishing on orbax's closed event loop; the
+    errors they raise there (at any moment, from other threads) say nothing new, so they are
+    not printed. Installed before each restore, since it can fail."""
+    if getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+
+
+def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optional[str] = None):
+    """Restores the newest usable checkpoint into `template` (or returns `template` if there
+    are none), skipping with a warning any that cannot be read. With `quarantine`, skipped
+    checkpoints are moved there, so that training can save those steps again. Raises if
+    checkpoints exist but none is usable: training must not start over on top of them."""
     steps = sorted(manager.all_steps(), reverse=True)
-    skipped = []
-    for step in steps:
+    for i, step in enumerate(steps):
         try:
-            return _restore_step(manager, step, template)
+            state = _restore_step(manager, step, template)
         except Exception as e:  # A truncated, deleted or corrupt file: try the one before.
-            skipped.append(step)
-            logging.warning("checkpoint at step %d is unusable (%s); trying an earlier one", step, e)
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Its abandoned reads' errors.
+            logging.warning("checkpoint at step %d is unusable (%s); trying an earlier one", step, _short(e))
+            continue
+        if quarantine and i:
+            os.makedirs(quarantine, exist_ok=True)
+            for bad in steps[:i]:
+                os.replace(os.path.join(manager.directory, str(bad)), os.path.join(quarantine, str(bad)))
+            manager.reload()
+            logging.warning("skipped unusable checkpoints %s (moved to %s); resuming from step %d",
+                            steps[:i], quarantine, step)
+        return state
     if steps:
         raise Error(
             f"no usable checkpoint in {manager.directory} (steps {', '.join(map(str, steps))} are all "
@@ -115,7 +156,8 @@ def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
     try:
         return _restore_step(manager, step, template)
     except Exception as e:
-        raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable: {e}") from None
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable ({_short(e)})") from None
 
 
 def first_replica(tree):

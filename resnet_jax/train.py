@@ -286,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
     dataset = dataset or input_pipeline.load_dataset(config.data)
     setup = Setup(config, dataset)
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
-    state = checkpoints.restore_latest(manager, setup.initial_state)
+    quarantine = os.path.join(workdir, "unusable_checkpoints") if is_main else None
+    state = checkpoints.restore_latest(manager, setup.initial_state, quarantine)
     start_step = int(state.step)
     num_steps = setup.num_steps
     spe = setup.steps_per_epoch
@@ -324,65 +325,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
         checkpoints.save(manager, checkpoints.first_replica(state), metrics)
         last_saved = step
 
-    with _StopSignal() as stop:
-        step = start_step
-        while step < num_steps:
-            batch = input_pipeline.train_batch(
-                dataset.train_images, dataset.train_labels, step,
-                batch_size=config.batch_size, seed=config.seed,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                num_devices=jax.local_device_count(),
-            )
-            state = p_train_step(state, batch)
-            step += 1
-            if progress:
-                progress.update(1)
+    try:
+        with _StopSignal() as stop:
+            step = start_step
+            while step < num_steps:
+                batch = input_pipeline.train_batch(
+                    dataset.train_images, dataset.train_labels, step,
+                    batch_size=config.batch_size, seed=config.seed,
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    num_devices=jax.local_device_count(),
+                )
+                state = p_train_step(state, batch)
+                step += 1
+                if progress:
+                    progress.update(1)
 
-            if step % config.log_every_steps == 0 or step == num_steps:
-                sums = fetch_train_metrics()
-                now = time.perf_counter()
-                record = {
-                    "step": step, "epoch": step / spe, "split": "train",
-                    "loss": float(sums["loss"] / sums["count"]), "accuracy": float(sums["accuracy"] / sums["count"]),
-                    "learning_rate": float(setup.learning_rate_fn(step - 1)),
-                    "images_per_sec": (step - timer[1]) * config.batch_size / (now - timer[0]),
-                }
-                timer = (now, step)
-                state = state.replace(train_metrics=jax_utils.replicate(empty_train_metrics()))
-                if log:
-                    log.write(record)
-                    _report(progress, record)
+                if step % config.log_every_steps == 0 or step == num_steps:
+                    sums = fetch_train_metrics()
+                    now = time.perf_counter()
+                    record = {
+                        "step": step, "epoch": step / spe, "split": "train",
+                        "loss": float(sums["loss"] / sums["count"]), "accuracy": float(sums["accuracy"] / sums["count"]),
+                        "learning_rate": float(setup.learning_rate_fn(step - 1)),
+                        "images_per_sec": (step - timer[1]) * config.batch_size / (now - timer[0]),
+                    }
+                    timer = (now, step)
+                    state = state.replace(train_metrics=jax_utils.replicate(empty_train_metrics()))
+                    if log:
+                        log.write(record)
+                        _report(progress, record)
 
-            if step % eval_every == 0 or step == num_steps:
-                result = evaluate(p_eval_step, state, dataset, config)
-                record = {"step": step, "epoch": step / spe, "split": "test", "loss": result["loss"], "accuracy": result["accuracy"]}
-                if log:
-                    log.write(record)
-                    _report(progress, record)
-                    plots.plot_curves(workdir)
-                save(step, {"accuracy": result["accuracy"]})
-                timer = (time.perf_counter(), step)
-            elif step % config.checkpoint_every_steps == 0:
-                save(step)
-
-            if stop.should_stop(sync=step % config.log_every_steps == 0) and step < num_steps:
-                if last_saved != step:
+                if step % eval_every == 0 or step == num_steps:
+                    result = evaluate(p_eval_step, state, dataset, config)
+                    record = {"step": step, "epoch": step / spe, "split": "test", "loss": result["loss"], "accuracy": result["accuracy"]}
+                    if log:
+                        log.write(record)
+                        _report(progress, record)
+                        plots.plot_curves(workdir)
+                    save(step, {"accuracy": result["accuracy"]})
+                    timer = (time.perf_counter(), step)
+                elif step % config.checkpoint_every_steps == 0:
                     save(step)
-                checkpoints.wait(manager)
-                if is_main:
-                    print(
-                        f"stopped by {stop.received or 'a signal on another process'} at step {step}; checkpoint saved. "
-                        f"Resume with: python run.py --config {config_path} --workdir {workdir}",
-                        flush=True,
-                    )
-                break
 
-    checkpoints.wait(manager)
-    manager.close()
-    if progress:
-        progress.close()
-    if log:
-        log.close()
+                if stop.should_stop(sync=step % config.log_every_steps == 0) and step < num_steps:
+                    if last_saved != step:
+                        save(step)
+                    checkpoints.wait(manager)
+                    if is_main:
+                        print(
+                            f"stopped by {stop.received or 'a signal on another process'} at step {step}; checkpoint saved. "
+                            f"Resume with: python run.py --config {config_path} --workdir {workdir}",
+                            flush=True,
+                        )
+                    break
+
+        checkpoints.wait(manager)
+    finally:
+        checkpoints.close(manager)
+        if progress:
+            progress.close()
+        if log:
+            log.close()
     return checkpoints.first_replica(state)
 
 
