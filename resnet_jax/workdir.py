@@ -114,6 +114,11 @@ class MetricsLog:
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.seen = {(r["step"], r["split"]) for r in read_metrics(self.path)}
+        if os.path.exists(self.path) and os.path.getsize(self.path):
+            with open(self.path, "rb+") as f:  # A killed writer may have left half a line.
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter

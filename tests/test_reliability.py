@@ -218,3 +218,12 @@ def test_missing_or_corrupt_data_through_run_py(tiny_data_dir, tmp_path):
     shard.write_bytes(b"\0" * 1000)
     line = one_line_error(run_cli(*args(str(broken), tmp_path / "w2", 10)), 2)
     assert "cannot read the train split of cifar10" in line and "prepare the data set again" in line
+
+
+def test_metrics_log_survives_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "split": "train", "loss": 1.0}\n{"step": 10, "spl')
+    log = workdir_lib.MetricsLog(str(tmp_path), tensorboard=False)
+    log.write({"step": 5, "split": "train", "loss": 1.0})  # already there: skipped
+    log.write({"step": 10, "split": "train", "loss": 0.5})
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == [
+        {"step": 5, "split": "train", "loss": 1.0}, {"step": 10, "split": "train", "loss": 0.5}]
