@@ -91,6 +91,7 @@ def run(argv) -> None:
     if FLAGS.config is None:
         raise Error("--config is required, for example --config configs/resnet18.py")
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").addFilter(_quiet_libraries)  # orbax and tfds log through absl
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
 

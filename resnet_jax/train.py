@@ -137,8 +137,12 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 
 def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, label_smoothing):
-    """One SGD step on this device's part of the global batch; gradients are averaged over AXIS."""
-    images = preprocess_fn(batch["image"], key=jax.random.fold_in(aug_key, state.step), positions=batch["position"])
+    """One SGD step on this device's part of the global batch; gradients are averaged over AXIS.
+
+    Augmentation draws from `aug_key` folded with the step (none when `aug_key` is None).
+    """
+    key = None if aug_key is None else jax.random.fold_in(aug_key, state.step)
+    images = preprocess_fn(batch["image"], key=key, positions=batch["position"])
     num_classes = state.params["head"]["bias"].shape[-1]
 
     def loss_fn(params):
@@ -253,19 +257,15 @@ class Setup:
         )
         mean, std = input_pipeline.normalization(config.data, dataset)
         self.preprocess_fn = functools.partial(
-            input_pipeline.preprocess, mean=mean, std=std, dtype=self.model.dtype,
-            data_config=config.data if config.data.augment else None,
+            input_pipeline.preprocess, mean=mean, std=std, dtype=self.model.dtype, data_config=config.data
         )
 
     def p_train_step(self, devices=None):
-        preprocess = self.preprocess_fn
-        if not self.config.data.augment:  # The tutorial's pipeline: normalise only.
-            preprocess = lambda images, key, positions: self.preprocess_fn(images)  # noqa: E731
         return jax.pmap(
             functools.partial(
                 train_step,
-                preprocess_fn=preprocess,
-                aug_key=self.aug_key,
+                preprocess_fn=self.preprocess_fn,
+                aug_key=self.aug_key if self.config.data.augment else None,
                 label_smoothing=self.config.label_smoothing,
             ),
             axis_name=AXIS,
