@@ -16,7 +16,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from resnet_jax import xla_flags
 from resnet_jax.errors import Error, RunFailure
+
+xla_flags.set_cpu_defaults()  # Before anything imports jax.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)

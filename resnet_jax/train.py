@@ -277,6 +277,14 @@ class Setup:
         return jax.pmap(functools.partial(eval_step, preprocess_fn=self.preprocess_fn), axis_name=AXIS, devices=devices)
 
 
+def replicate(tree, devices=None):
+    """`tree` copied onto every local device (or `devices`), laid out as the pmapped steps
+    return their outputs: sharded over a mesh axis named AXIS. With flax's default axis
+    name the first step's input layout differs from every later step's, and each layout
+    compiles the step once more."""
+    return jax_utils.replicate(tree, devices, axis_name=AXIS)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=None, config_path: str = "CONFIG") -> TrainState:
     """Trains (resuming from the latest checkpoint in `workdir`), evaluates, checkpoints.
 
@@ -302,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
 
     p_train_step = setup.p_train_step()
     p_eval_step = setup.p_eval_step()
-    state = jax_utils.replicate(state)
+    state = replicate(state)
     progress = _progress_bar(is_main, start_step, num_steps)
     last_saved = start_step if start_step else None
     timer = (time.perf_counter(), start_step)
@@ -350,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                         "images_per_sec": (step - timer[1]) * config.batch_size / (now - timer[0]),
                     }
                     timer = (now, step)
-                    state = state.replace(train_metrics=jax_utils.replicate(empty_train_metrics()))
+                    state = state.replace(train_metrics=replicate(empty_train_metrics()))
                     if log:
                         log.write(record)
                         _report(progress, record)

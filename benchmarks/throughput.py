@@ -1,0 +1,222 @@
+"""Training and evaluation throughput of the trainer's own pmapped steps, on synthetic data.
+
+Runs `train.Setup(...).p_train_step()` and `p_eval_step()` (the functions `run.py` trains
+and evaluates with, on-device augmentation included, under the XLA flags run.py sets) on
+a synthetic uint8 data set of random images (`--num-train` of them in memory, CIFAR-10's
+50,000 by default), on every local device of the current backend, and reports:
+
+* train_images_per_sec: the median over `--repeats` timings of `--steps` train steps,
+  after compilation; each step takes its batch from `input_pipeline.train_batch`, as
+  the training loop does;
+* eval_images_per_sec: the same for the eval step, on one test batch;
+* compile_seconds: the first train step (tracing, compilation and one step);
+* augmentation_share: (t_aug - t_noaug) / t_aug, the share of the train step spent on
+  augmentation, against the same step compiled with data.augment=False, timed alternately;
+* peak_host_memory_mb: ru_maxrss of this process. With --train-only it is what a training
+  run holds (the data, one train state, one compiled step); otherwise it also counts the
+  second, augmentation-free step and the eval step;
+* device_peak_memory_mb: from device.memory_stats(); None where the backend reports none
+  (the CPU).
+
+    python benchmarks/throughput.py --model resnet18 --stem cifar --batch-size 128 [--dtype bfloat16]
+                                    [--steps 5] [--repeats 3] [--no-augment] [--train-only] [--json]
+    python benchmarks/throughput.py --config configs/resnet18.py --json
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from resnet_jax import xla_flags  # noqa: E402
+
+xla_flags.set_cpu_defaults()  # The XLA flags run.py trains with.
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from resnet_jax import input_pipeline, models, train  # noqa: E402
+
+CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
+
+
+def load_config(path):
+    """The `get_config()` of a config file, or the default config when `path` is None."""
+    if path is None:
+        return default.get_config()
+    spec = importlib.util.spec_from_file_location("benchmarked_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def make_config(args):
+    """The config to benchmark: `--config` (or the default), overridden by the explicit flags."""
+    config = load_config(args.config)
+    for field, value in (("name", args.model), ("stem", args.stem), ("dtype", args.dtype)):
+        if value is not None:
+            config.model[field] = value
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
+    if args.no_augment:
+        config.data.augment = False
+    config.eval_batch_size = config.batch_size
+    return config
+
+
+def synthetic_dataset(num_train, num_test, num_classes=10, seed=0):
+    """A CIFAR-shaped `input_pipeline.Dataset` of random uint8 images and labels."""
+    rng = np.random.default_rng(seed)
+    images = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
+    labels = lambda n: rng.integers(0, num_classes, n, dtype=np.int32)  # noqa: E731
+    return input_pipeline.Dataset(
+        name="synthetic",
+        class_names=tuple(str(i) for i in range(num_classes)),
+        train_images=images(num_train),
+        train_labels=labels(num_train),
+        test_images=images(num_test),
+        test_labels=labels(num_test),
+        mean=np.full(3, 127.5, np.float32),
+        std=np.full(3, 73.9, np.float32),
+    )
+
+
+class TrainLoop:
+    """A pmapped train step and its replicated state, fed as `train.train_and_evaluate` feeds it."""
+
+    def __init__(self, setup, devices):
+        self.setup, self.devices = setup, devices
+        self.step_fn = setup.p_train_step(devices)
+        self.state = train.replicate(setup.initial_state, devices)
+        self.step = 0
+
+    def run(self, steps):
+        """Seconds for the next `steps` train steps, until their results are ready."""
+        config, dataset = self.setup.config, self.setup.dataset
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch = input_pipeline.train_batch(
+                dataset.train_images, dataset.train_labels, self.step,
+                batch_size=config.batch_size, seed=config.seed, num_devices=len(self.devices),
+            )
+            self.state = self.step_fn(self.state, batch)
+            self.step += 1
+        jax.block_until_ready(self.state)
+        return time.perf_counter() - start
+
+
+def eval_images_per_sec(setup, devices, state, steps, repeats):
+    """Median eval images/s of `p_eval_step` over `repeats` timings of `steps` batches."""
+    step_fn = setup.p_eval_step(devices)
+    batch_size = setup.config.eval_batch_size
+    batch = next(input_pipeline.eval_batches(
+        setup.dataset.test_images, setup.dataset.test_labels, batch_size=batch_size, num_devices=len(devices)
+    ))
+    jax.block_until_ready(step_fn(state, batch))  # Compiles.
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready([step_fn(state, batch) for _ in range(steps)])
+        rates.append(steps * batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def without_augmentation(config):
+    """A copy of `config` with data.augment off."""
+    config = config.copy_and_resolve_references()
+    config.data.augment = False
+    return config
+
+
+def device_peak_memory_mb(devices):
+    """The largest peak_bytes_in_use over `devices`, in MB; None where the backend reports none."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    peaks = [p for p in peaks if p is not None]
+    return round(max(peaks) / 2**20, 1) if peaks else None
+
+
+def benchmark(config, dataset, devices, steps, repeats, train_only=False):
+    """The measurements described in the module docstring, as a dict."""
+    setup = train.Setup(config, dataset)
+    loop = TrainLoop(setup, devices)
+    result = {"compile_seconds": round(loop.run(1), 2)}
+    plain = None
+    if config.data.augment and not train_only:
+        plain = TrainLoop(train.Setup(without_augmentation(config), dataset), devices)
+        plain.run(1)
+    seconds, plain_seconds = [], []
+    for _ in range(repeats):  # Alternating, so that both see the same machine state.
+        seconds.append(loop.run(steps))
+        if plain:
+            plain_seconds.append(plain.run(steps))
+    result["train_images_per_sec"] = round(steps * config.batch_size / statistics.median(seconds), 1)
+    if plain:
+        t_aug, t_plain = statistics.median(seconds), statistics.median(plain_seconds)
+        result["augmentation_share"] = round((t_aug - t_plain) / t_aug, 4)
+    if not train_only:
+        result["eval_images_per_sec"] = round(eval_images_per_sec(setup, devices, loop.state, steps, repeats), 1)
+    result["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["device_peak_memory_mb"] = device_peak_memory_mb(devices)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="a configs/*.py file to take the model, dtype and batch from")
+    parser.add_argument("--model", default=None, choices=sorted(models.MODELS), help="default: the config's (resnet18)")
+    parser.add_argument("--stem", default=None, choices=("cifar", "imagenet"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch; default: the config's")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-devices", type=int, default=None, help="the first N local devices; default: all")
+    parser.add_argument("--num-train", type=int, default=CIFAR10_TRAIN, help="synthetic train images held in memory")
+    parser.add_argument("--num-test", type=int, default=CIFAR10_TEST)
+    parser.add_argument("--no-augment", action="store_true", help="train without the on-device augmentation")
+    parser.add_argument("--train-only", action="store_true", help="skip the eval and augmentation-share timings")
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = parser.parse_args()
+
+    config = make_config(args)
+    devices = jax.local_devices()[: args.num_devices]
+    if config.batch_size % len(devices):
+        parser.error(f"--batch-size {config.batch_size} is not divisible by the {len(devices)} devices")
+    if args.num_train < config.batch_size or args.num_test < 1:
+        parser.error("--num-train must hold at least one batch and --num-test at least one image")
+    dataset = synthetic_dataset(args.num_train, args.num_test)
+    result = {
+        "framework": "jax",
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "model": config.model.name,
+        "stem": config.model.stem if config.model.name in models.STEM_MODELS else None,
+        "batch_size": config.batch_size,
+        "dtype": config.model.dtype,
+        "augment": config.data.augment,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "num_train": args.num_train,
+    }
+    result.update(benchmark(config, dataset, devices, args.steps, args.repeats, args.train_only))
+    if not args.json:
+        print(
+            f"{result['model']} {result['dtype']} batch {result['batch_size']} on {result['devices']} "
+            f"{result['backend']} device(s): {result['train_images_per_sec']} train images/s, "
+            f"{result.get('eval_images_per_sec')} eval images/s, compiled in {result['compile_seconds']} s"
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
