@@ -1,22 +1,10 @@
-"""He et al. (2016) CIFAR-10 recipe for ResNet-56: batch 128, lr 0.1, momentum 0.9,
-weight decay 1e-4, lr divided by 10 at 50% and 75% of 164 epochs."""
+"""He et al. (2016) CIFAR-10 recipe for ResNet-56: the same as configs/resnet20.py (batch 128,
+lr 0.1, momentum 0.9, weight decay 1e-4, lr /10 at 50% and 75% of 164 epochs), deeper network."""
 
-from configs import default
+from configs import resnet20
 
 
 def get_config():
-    config = default.get_config()
+    config = resnet20.get_config()
     config.model.name = "resnet56"
-    config.batch_size = 128
-    config.learning_rate = 0.1
-    config.base_batch_size = 128
-    config.momentum = 0.9
-    config.nesterov = False
-    config.weight_decay = 1e-4
-    config.schedule = "piecewise"
-    config.lr_boundaries = (0.5, 0.75)
-    config.lr_decay_factor = 0.1
-    config.warmup_epochs = 0.0
-    config.num_epochs = 164.0
-    config.checkpoint_every_steps = 2000
     return config
