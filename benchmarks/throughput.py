@@ -16,7 +16,12 @@ a synthetic uint8 data set of random images (`--num-train` of them in memory, CI
   run holds (the data, one train state, one compiled step); otherwise it also counts the
   second, augmentation-free step and the eval step;
 * device_peak_memory_mb: from device.memory_stats(); None where the backend reports none
-  (the CPU).
+  (the CPU);
+* memory_breakdown_mb (not with --train-only): what the peak is made of: the uint8 data
+  set in host memory, one copy of the train state (params, BatchNorm statistics,
+  optimizer state), and the scratch buffers XLA's compiled train and eval steps
+  allocate per call (`memory_analysis().temp_size_in_bytes`: the activations kept for
+  the backward pass, mostly).
 
     python benchmarks/throughput.py --model resnet18 --stem cifar --batch-size 128 [--dtype bfloat16]
                                     [--steps 5] [--repeats 3] [--no-augment] [--train-only] [--json]
@@ -98,28 +103,37 @@ class TrainLoop:
         self.state = train.replicate(setup.initial_state, devices)
         self.step = 0
 
+    def batch(self):
+        """The next train batch, as the training loop builds it."""
+        config, dataset = self.setup.config, self.setup.dataset
+        return input_pipeline.train_batch(
+            dataset.train_images, dataset.train_labels, self.step,
+            batch_size=config.batch_size, seed=config.seed, num_devices=len(self.devices),
+        )
+
     def run(self, steps):
         """Seconds for the next `steps` train steps, until their results are ready."""
-        config, dataset = self.setup.config, self.setup.dataset
         start = time.perf_counter()
         for _ in range(steps):
-            batch = input_pipeline.train_batch(
-                dataset.train_images, dataset.train_labels, self.step,
-                batch_size=config.batch_size, seed=config.seed, num_devices=len(self.devices),
-            )
-            self.state = self.step_fn(self.state, batch)
+            self.state = self.step_fn(self.state, self.batch())
             self.step += 1
         jax.block_until_ready(self.state)
         return time.perf_counter() - start
+
+
+def eval_batch(setup, devices):
+    """The first test batch, as evaluation builds it."""
+    return next(input_pipeline.eval_batches(
+        setup.dataset.test_images, setup.dataset.test_labels,
+        batch_size=setup.config.eval_batch_size, num_devices=len(devices),
+    ))
 
 
 def eval_images_per_sec(setup, devices, state, steps, repeats):
     """Median eval images/s of `p_eval_step` over `repeats` timings of `steps` batches."""
     step_fn = setup.p_eval_step(devices)
     batch_size = setup.config.eval_batch_size
-    batch = next(input_pipeline.eval_batches(
-        setup.dataset.test_images, setup.dataset.test_labels, batch_size=batch_size, num_devices=len(devices)
-    ))
+    batch = eval_batch(setup, devices)
     jax.block_until_ready(step_fn(state, batch))  # Compiles.
     rates = []
     for _ in range(repeats):
@@ -141,6 +155,19 @@ def device_peak_memory_mb(devices):
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
     peaks = [p for p in peaks if p is not None]
     return round(max(peaks) / 2**20, 1) if peaks else None
+
+
+def memory_breakdown_mb(loop):
+    """The parts of a training run's host memory that this process can account for, in MB."""
+    setup, devices, mb = loop.setup, loop.devices, lambda n: round(n / 2**20, 1)  # noqa: E731
+    dataset = setup.dataset
+    temp = lambda step_fn, *args: step_fn.lower(*args).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+    return {
+        "data": mb(sum(a.nbytes for a in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels))),
+        "train_state": mb(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(setup.initial_state))),
+        "train_step_scratch": mb(temp(setup.p_train_step(devices), loop.state, loop.batch())),
+        "eval_step_scratch": mb(temp(setup.p_eval_step(devices), loop.state, eval_batch(setup, devices))),
+    }
 
 
 def benchmark(config, dataset, devices, steps, repeats, train_only=False):
@@ -165,6 +192,8 @@ def benchmark(config, dataset, devices, steps, repeats, train_only=False):
         result["eval_images_per_sec"] = round(eval_images_per_sec(setup, devices, loop.state, steps, repeats), 1)
     result["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["device_peak_memory_mb"] = device_peak_memory_mb(devices)
+    if not train_only:
+        result["memory_breakdown_mb"] = memory_breakdown_mb(loop)
     return result
 
 

@@ -1,11 +1,18 @@
 """The benchmark scripts run end to end and report positive numbers (no timing assertions)."""
 
+import collections
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import pytest
 from conftest import ROOT
+
+from resnet_jax import models
 
 
 def run_benchmark(script, *args):
@@ -27,9 +34,46 @@ def test_throughput_reports_train_eval_compile_and_memory():
         assert result[key] > 0, key
     assert result["augmentation_share"] < 1
     assert result["device_peak_memory_mb"] is None  # The CPU reports no memory statistics.
+    parts = result["memory_breakdown_mb"]
+    assert parts["data"] == round((50_000 + 10_000) * (32 * 32 * 3 + 4) / 2**20, 1)  # uint8 images, int32 labels
+    assert min(parts["train_state"], parts["train_step_scratch"], parts["eval_step_scratch"]) > 0
+    assert sum(parts.values()) < result["peak_host_memory_mb"]
 
 
 def test_input_pipeline_reports_host_and_transfer_rates():
     result = run_benchmark("input_pipeline.py", "--batch-size", "64", "--num-train", "1000", "--steps", "3", "--repeats", "1")
     assert (result["batch_size"], result["num_train"], result["devices"]) == (64, 1000, 8)
     assert result["host_images_per_sec"] > 0 and result["images_per_sec"] > 0
+
+
+def load_benchmark(script):
+    """benchmarks/SCRIPT imported as a module."""
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(ROOT, "benchmarks", script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+def test_conv_ops_times_every_convolution_of_the_model(name):
+    conv_ops = load_benchmark("conv_ops.py")
+    model = models.get_model(name, num_classes=10, stem="cifar")
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    kernels = collections.Counter(
+        (k, cin, cout) for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+        if jax.tree_util.keystr(path).endswith("['kernel']") and leaf.ndim == 4
+        for k, _, cin, cout in [leaf.shape]
+    )
+    shapes = collections.Counter()
+    for (_, cin, cout, k, _), count in conv_ops.layer_shapes(conv_ops.STAGE_SIZES[name]).items():
+        shapes[(k, cin, cout)] += count
+    assert shapes == kernels
+
+
+def test_conv_ops_reports_forward_and_gradient_times():
+    result = run_benchmark("conv_ops.py", "--batch-size", "2", "--repeats", "1")
+    assert (result["model"], result["batch_size"], result["dtype"]) == ("resnet18", 2, "float32")
+    for side in ("jax_ms", "torch_ms") if importlib.util.find_spec("torch") else ("jax_ms",):
+        totals = result[side]
+        assert min(totals["forward"], totals["dx"], totals["dw"]) > 0
+        assert totals["all"] == pytest.approx(totals["forward"] + totals["dx"] + totals["dw"], abs=0.2)
