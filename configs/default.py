@@ -30,7 +30,7 @@ def get_config():
     config.data.normalization = "dataset"  # "dataset": per-channel mean/std of the train split; "half": (x-0.5)/0.5
 
     config.batch_size = 512  # global training batch, over all devices of all hosts
-    config.eval_batch_size = 1000  # global evaluation batch
+    config.eval_batch_size = 256  # global evaluation batch (ResNet-18 on a CPU: 1000 would raise peak memory 2.3 -> 3.6 GB)
     config.num_epochs = 30.0  # length of training in epochs (ignored when num_train_steps > 0)
     config.num_train_steps = -1  # length of training in steps; -1: derived from num_epochs
 
