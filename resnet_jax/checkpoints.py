@@ -90,8 +90,11 @@ def _short(e: Exception, limit: int = 200) -> str:
 
 def _drop_failed_restore_noise() -> None:
     """A failed restore leaves tensorstore reads finishing on orbax's closed event loop; the
-    errors they raise there (at any moment, from other threads) say nothing new, so they are
-    not printed. Installed before each restore, since it can fail."""
+    errors they raise there (at any moment, from other threads, or logged by asyncio as
+    "Task exception was never retrieved" with a traceback, possibly before the restore has
+    even raised) say nothing new, so they are not printed. Installed before each restore,
+    since it can fail."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     if getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
         return
     previous = sys.unraisablehook
@@ -114,7 +117,6 @@ def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optiona
         try:
             state = _restore_step(manager, step, template)
         except Exception as e:  # A truncated, deleted or corrupt file: try the one before.
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Its abandoned reads' errors.
             logging.warning("checkpoint at step %d is unusable (%s); trying an earlier one", step, _short(e))
             continue
         if quarantine and i:
@@ -156,7 +158,6 @@ def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
     try:
         return _restore_step(manager, step, template)
     except Exception as e:
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable ({_short(e)})") from None
 
 
