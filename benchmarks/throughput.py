@@ -24,7 +24,7 @@ a synthetic uint8 data set of random images (`--num-train` of them in memory, CI
   the backward pass, mostly).
 
     python benchmarks/throughput.py --model resnet18 --stem cifar --batch-size 128 [--dtype bfloat16]
-                                    [--steps 5] [--repeats 3] [--no-augment] [--train-only] [--json]
+                                    [--eval-batch-size N] [--steps 5] [--repeats 3] [--no-augment] [--train-only] [--json]
     python benchmarks/throughput.py --config configs/resnet18.py --json
 """
 
@@ -73,7 +73,7 @@ def make_config(args):
         config.batch_size = args.batch_size
     if args.no_augment:
         config.data.augment = False
-    config.eval_batch_size = config.batch_size
+    config.eval_batch_size = args.eval_batch_size or config.batch_size
     return config
 
 
@@ -204,6 +204,7 @@ def main():
     parser.add_argument("--stem", default=None, choices=("cifar", "imagenet"))
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
     parser.add_argument("--batch-size", type=int, default=None, help="global batch; default: the config's")
+    parser.add_argument("--eval-batch-size", type=int, default=None, help="default: the train batch")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-devices", type=int, default=None, help="the first N local devices; default: all")
@@ -216,8 +217,9 @@ def main():
 
     config = make_config(args)
     devices = jax.local_devices()[: args.num_devices]
-    if config.batch_size % len(devices):
-        parser.error(f"--batch-size {config.batch_size} is not divisible by the {len(devices)} devices")
+    for flag, value in (("--batch-size", config.batch_size), ("--eval-batch-size", config.eval_batch_size)):
+        if value % len(devices):
+            parser.error(f"{flag} {value} is not divisible by the {len(devices)} devices")
     if args.num_train < config.batch_size or args.num_test < 1:
         parser.error("--num-train must hold at least one batch and --num-test at least one image")
     dataset = synthetic_dataset(args.num_train, args.num_test)
@@ -231,6 +233,7 @@ def main():
         "model": config.model.name,
         "stem": config.model.stem if config.model.name in models.STEM_MODELS else None,
         "batch_size": config.batch_size,
+        "eval_batch_size": config.eval_batch_size,
         "dtype": config.model.dtype,
         "augment": config.data.augment,
         "steps": args.steps,

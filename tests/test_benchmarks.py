@@ -27,9 +27,10 @@ def run_benchmark(script, *args):
 
 
 def test_throughput_reports_train_eval_compile_and_memory():
-    result = run_benchmark("throughput.py", "--model", "resnet8", "--batch-size", "16", "--steps", "2", "--repeats", "1")
+    result = run_benchmark("throughput.py", "--model", "resnet8", "--batch-size", "16", "--eval-batch-size", "40",
+                           "--steps", "2", "--repeats", "1")
     assert result["backend"] == "cpu" and result["devices"] == 8
-    assert (result["model"], result["batch_size"], result["dtype"]) == ("resnet8", 16, "float32")
+    assert (result["model"], result["batch_size"], result["eval_batch_size"], result["dtype"]) == ("resnet8", 16, 40, "float32")
     for key in ("train_images_per_sec", "eval_images_per_sec", "compile_seconds", "peak_host_memory_mb"):
         assert result[key] > 0, key
     assert result["augmentation_share"] < 1
