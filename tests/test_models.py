@@ -76,6 +76,22 @@ def test_batch_norm_statistics_update_in_train_mode_only():
     chex.assert_trees_all_close(model.apply(variables, x[:1], train=False), logits[:1], atol=1e-5)
 
 
+def test_backward_pass_recomputes_each_block_from_its_conv_outputs():
+    model = tiny_model()
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return logits.sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
+    remats = [e for e in jaxpr.eqns if e.primitive.name == "remat2"]  # jax.checkpoint's primitive
+    # One rematerialised region per residual block, saving only dot/conv outputs.
+    assert len(remats) == sum(model.stage_sizes)
+    assert all(e.params["policy"] is jax.checkpoint_policies.dots_saveable for e in remats)
+
+
 def test_bfloat16_computes_in_bf16_with_float32_params_and_stats():
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     f32 = tiny_model()
