@@ -101,7 +101,9 @@ def run(argv) -> None:
     initialize_distributed()
     import jax
 
-    from resnet_jax import evaluate, train, validation, workdir as workdir_lib
+    from resnet_jax import accelerators, evaluate, train, validation, workdir as workdir_lib
+
+    accelerators.log_platform()
 
     config = FLAGS.config
     validation.validate(config, jax.device_count())
