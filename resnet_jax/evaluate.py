@@ -4,7 +4,6 @@ import json
 import os
 
 import jax
-from flax import jax_utils
 
 from resnet_jax import checkpoints, input_pipeline, plots, train
 
@@ -17,7 +16,7 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
     state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
     step = int(state.step)
-    result = train.evaluate(setup.p_eval_step(), jax_utils.replicate(state), dataset, config)
+    result = train.evaluate(setup.p_eval_step(), train.replicate(state), dataset, config)
     confusion = result["confusion"]
     per_class = confusion.diagonal() / confusion.sum(1).clip(min=1)
     report = {

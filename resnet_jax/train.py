@@ -260,18 +260,17 @@ class Setup:
             input_pipeline.preprocess, mean=mean, std=std, dtype=self.model.dtype, data_config=config.data
         )
 
-    def p_train_step(self, devices=None):
-        return jax.pmap(
-            functools.partial(
-                train_step,
-                preprocess_fn=self.preprocess_fn,
-                aug_key=self.aug_key if self.config.data.augment else None,
-                label_smoothing=self.config.label_smoothing,
-            ),
-            axis_name=AXIS,
-            donate_argnums=(0,),
-            devices=devices,
+    def train_step(self):
+        """The per-device train step, configured."""
+        return functools.partial(
+            train_step,
+            preprocess_fn=self.preprocess_fn,
+            aug_key=self.aug_key if self.config.data.augment else None,
+            label_smoothing=self.config.label_smoothing,
         )
+
+    def p_train_step(self, devices=None):
+        return jax.pmap(self.train_step(), axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
     def p_eval_step(self, devices=None):
         return jax.pmap(functools.partial(eval_step, preprocess_fn=self.preprocess_fn), axis_name=AXIS, devices=devices)
@@ -283,6 +282,23 @@ def replicate(tree, devices=None):
     name the first step's input layout differs from every later step's, and each layout
     compiles the step once more."""
     return jax_utils.replicate(tree, devices, axis_name=AXIS)
+
+
+def device_batches(dataset, config, start_step: int, num_steps: int, devices=None):
+    """This process's train batches of steps `start_step`..`num_steps - 1`, already on its local
+    devices (or `devices`) and laid out as `replicate` lays out the state. Two are kept in
+    flight: the host builds and sends batch N+2 while the devices compute step N, so no step
+    waits for its input."""
+    devices = devices or jax.local_devices()
+    batches = (
+        input_pipeline.train_batch(
+            dataset.train_images, dataset.train_labels, step,
+            batch_size=config.batch_size, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(), num_devices=len(devices),
+        )
+        for step in range(start_step, num_steps)
+    )
+    return jax_utils.prefetch_to_device(batches, 2, devices, axis_name=AXIS)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=None, config_path: str = "CONFIG") -> TrainState:
@@ -311,9 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
     p_train_step = setup.p_train_step()
     p_eval_step = setup.p_eval_step()
     state = replicate(state)
+    batches = device_batches(dataset, config, start_step, num_steps)
     progress = _progress_bar(is_main, start_step, num_steps)
     last_saved = start_step if start_step else None
-    timer = (time.perf_counter(), start_step)
+    started = time.perf_counter()
+    timer = (started, start_step)
+    compile_seconds = None  # the first step's wall time (its compilation), until a record reports it
 
     def fetch_train_metrics():
         """The metric sums since the last record, on the host; stops on a non-finite loss."""
@@ -337,18 +356,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
         with _StopSignal() as stop:
             step = start_step
             while step < num_steps:
-                batch = input_pipeline.train_batch(
-                    dataset.train_images, dataset.train_labels, step,
-                    batch_size=config.batch_size, seed=config.seed,
-                    process_index=jax.process_index(), process_count=jax.process_count(),
-                    num_devices=jax.local_device_count(),
-                )
-                state = p_train_step(state, batch)
+                state = p_train_step(state, next(batches))
                 step += 1
                 if progress:
                     progress.update(1)
+                log_now = step % config.log_every_steps == 0 or step == num_steps
+                if step == start_step + 1:  # The one wait outside logging: the first step is its compilation.
+                    jax.block_until_ready(state)
+                    compile_seconds = time.perf_counter() - started
+                    if not log_now:  # Throughput is then measured after compilation.
+                        timer = (started + compile_seconds, step)
 
-                if step % config.log_every_steps == 0 or step == num_steps:
+                if log_now:
                     sums = fetch_train_metrics()
                     now = time.perf_counter()
                     record = {
@@ -356,7 +375,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                         "loss": float(sums["loss"] / sums["count"]), "accuracy": float(sums["accuracy"] / sums["count"]),
                         "learning_rate": float(setup.learning_rate_fn(step - 1)),
                         "images_per_sec": (step - timer[1]) * config.batch_size / (now - timer[0]),
+                        "elapsed_seconds": now - started,
                     }
+                    if compile_seconds is not None:
+                        record["compile_seconds"], compile_seconds = compile_seconds, None
                     timer = (now, step)
                     state = state.replace(train_metrics=replicate(empty_train_metrics()))
                     if log:
@@ -364,8 +386,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                         _report(progress, record)
 
                 if step % eval_every == 0 or step == num_steps:
+                    eval_started = time.perf_counter()
                     result = evaluate(p_eval_step, state, dataset, config)
-                    record = {"step": step, "epoch": step / spe, "split": "test", "loss": result["loss"], "accuracy": result["accuracy"]}
+                    now = time.perf_counter()
+                    record = {
+                        "step": step, "epoch": step / spe, "split": "test", "loss": result["loss"], "accuracy": result["accuracy"],
+                        "eval_seconds": now - eval_started, "elapsed_seconds": now - started,
+                    }
                     if log:
                         log.write(record)
                         _report(progress, record)

@@ -138,7 +138,13 @@ def test_run_writes_metrics_checkpoints_and_config(trained):
     assert [r["step"] for r in train_records] == list(range(5, STEPS + 1, 5))
     assert [r["step"] for r in test_records] == [20, 40]
     for r in train_records:
-        assert {"step", "epoch", "split", "loss", "accuracy", "learning_rate", "images_per_sec"} <= set(r)
+        assert {"step", "epoch", "split", "loss", "accuracy", "learning_rate", "images_per_sec", "elapsed_seconds"} <= set(r)
+    # Timings for time-to-accuracy: the first step (compilation) once, each evaluation's wall time.
+    assert [("compile_seconds" in r) for r in train_records] == [True] + [False] * (len(train_records) - 1)
+    assert 0 < train_records[0]["compile_seconds"] < train_records[0]["elapsed_seconds"]
+    assert all(0 < r["eval_seconds"] < r["elapsed_seconds"] for r in test_records)
+    elapsed = [r["elapsed_seconds"] for r in records]
+    assert elapsed == sorted(elapsed)
     assert train_records[-1]["epoch"] == 4.0
     # The smoke config learns on real data.
     assert np.mean([r["loss"] for r in train_records[-2:]]) < train_records[0]["loss"] - 0.1
@@ -197,7 +203,8 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = read_metrics(str(metrics))
     reference = read_metrics(os.path.join(trained, "metrics.jsonl"))
-    strip = lambda records: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in records]  # noqa: E731
+    timings = ("images_per_sec", "elapsed_seconds", "compile_seconds", "eval_seconds")
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timings} for r in records]  # noqa: E731
     assert sorted(strip(resumed), key=lambda r: (r["step"], r["split"])) == sorted(
         strip(reference), key=lambda r: (r["step"], r["split"])
     )
