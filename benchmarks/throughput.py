@@ -6,10 +6,16 @@ a synthetic uint8 data set of random images (`--num-train` of them in memory, CI
 50,000 by default), on every local device of the current backend, and reports:
 
 * train_images_per_sec: the median over `--repeats` timings of `--steps` train steps,
-  after compilation; each step takes its batch from `input_pipeline.train_batch`, as
-  the training loop does;
+  after compilation; each step takes its batch from `train.device_batches` (host batching
+  and a prefetched transfer), as the training loop does;
 * eval_images_per_sec: the same for the eval step, on one test batch;
 * compile_seconds: the first train step (tracing, compilation and one step);
+* input_wait_share: (t_fed - t_resident) / t_fed, the share of a train step fed by the
+  input pipeline (host batching, transfer, prefetch) spent waiting for it, against steps that
+  reuse one batch already on the devices, timed alternately; input_leaves_devices_idle is
+  whether it is over INPUT_WAIT_TOLERANCE (timing noise);
+* train_flops_per_step, train_tflops_per_sec: the FLOPs of one global train step, from XLA's
+  cost analysis, and the rate the timed steps achieved (MFU: divide by the devices' peak);
 * augmentation_share: (t_aug - t_noaug) / t_aug, the share of the train step spent on
   augmentation, against the same step compiled with data.augment=False, timed alternately;
 * peak_host_memory_mb: ru_maxrss of this process. With --train-only it is what a training
@@ -24,7 +30,8 @@ a synthetic uint8 data set of random images (`--num-train` of them in memory, CI
   the backward pass, mostly).
 
     python benchmarks/throughput.py --model resnet18 --stem cifar --batch-size 128 [--dtype bfloat16]
-                                    [--eval-batch-size N] [--steps 5] [--repeats 3] [--no-augment] [--train-only] [--json]
+                                    [--eval-batch-size N] [--steps 5] [--repeats 3] [--no-augment] [--train-only]
+                                    [--no-breakdown] [--json]
     python benchmarks/throughput.py --config configs/resnet18.py --json
 """
 
@@ -51,6 +58,7 @@ from configs import default  # noqa: E402
 from resnet_jax import input_pipeline, models, train  # noqa: E402
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
+INPUT_WAIT_TOLERANCE = 0.03  # fed steps this much slower than resident ones: the input side stalls the devices
 
 
 def load_config(path):
@@ -95,28 +103,22 @@ def synthetic_dataset(num_train, num_test, num_classes=10, seed=0):
 
 
 class TrainLoop:
-    """A pmapped train step and its replicated state, fed as `train.train_and_evaluate` feeds it."""
+    """A pmapped train step and its replicated state, fed as `train.train_and_evaluate` feeds it
+    (`train.device_batches`), or with one batch kept on the devices (`resident`): the step
+    alone, with no input work at all."""
 
     def __init__(self, setup, devices):
         self.setup, self.devices = setup, devices
         self.step_fn = setup.p_train_step(devices)
         self.state = train.replicate(setup.initial_state, devices)
-        self.step = 0
+        self.batches = train.device_batches(setup.dataset, setup.config, 0, 2**31 - 1, devices)
+        self.resident = next(self.batches)
 
-    def batch(self):
-        """The next train batch, as the training loop builds it."""
-        config, dataset = self.setup.config, self.setup.dataset
-        return input_pipeline.train_batch(
-            dataset.train_images, dataset.train_labels, self.step,
-            batch_size=config.batch_size, seed=config.seed, num_devices=len(self.devices),
-        )
-
-    def run(self, steps):
+    def run(self, steps, resident=False):
         """Seconds for the next `steps` train steps, until their results are ready."""
         start = time.perf_counter()
         for _ in range(steps):
-            self.state = self.step_fn(self.state, self.batch())
-            self.step += 1
+            self.state = self.step_fn(self.state, self.resident if resident else next(self.batches))
         jax.block_until_ready(self.state)
         return time.perf_counter() - start
 
@@ -165,26 +167,49 @@ def memory_breakdown_mb(loop):
     return {
         "data": mb(sum(a.nbytes for a in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels))),
         "train_state": mb(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(setup.initial_state))),
-        "train_step_scratch": mb(temp(setup.p_train_step(devices), loop.state, loop.batch())),
+        "train_step_scratch": mb(temp(setup.p_train_step(devices), loop.state, loop.resident)),
         "eval_step_scratch": mb(temp(setup.p_eval_step(devices), loop.state, eval_batch(setup, devices))),
     }
 
 
-def benchmark(config, dataset, devices, steps, repeats, train_only=False):
+def train_step_flops(setup, devices) -> float:
+    """FLOPs of one train step on one device, from XLA's cost analysis of the per-device step.
+
+    pmap's lowering hides the mapped body from the analysis (it reports a fifth of the FLOPs of
+    a ResNet-18 step), so the step is vmapped over a one-element axis and lowered, not compiled.
+    """
+    config, dataset = setup.config, setup.dataset
+    state = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], setup.initial_state)
+    batch = input_pipeline.train_batch(
+        dataset.train_images, dataset.train_labels, 0, batch_size=config.batch_size // len(devices), seed=config.seed
+    )
+    lowered = jax.jit(jax.vmap(setup.train_step(), axis_name=train.AXIS)).lower(state, batch)
+    return float(lowered.cost_analysis()["flops"])
+
+
+def benchmark(config, dataset, devices, steps, repeats, train_only=False, breakdown=True):
     """The measurements described in the module docstring, as a dict."""
     setup = train.Setup(config, dataset)
     loop = TrainLoop(setup, devices)
     result = {"compile_seconds": round(loop.run(1), 2)}
     plain = None
-    if config.data.augment and not train_only:
+    if config.data.augment and not train_only and breakdown:
         plain = TrainLoop(train.Setup(without_augmentation(config), dataset), devices)
         plain.run(1)
-    seconds, plain_seconds = [], []
-    for _ in range(repeats):  # Alternating, so that both see the same machine state.
+    seconds, resident_seconds, plain_seconds = [], [], []
+    for _ in range(repeats):  # Alternating, so that all see the same machine state.
         seconds.append(loop.run(steps))
+        resident_seconds.append(loop.run(steps, resident=True))
         if plain:
             plain_seconds.append(plain.run(steps))
     result["train_images_per_sec"] = round(steps * config.batch_size / statistics.median(seconds), 1)
+    result["train_flops_per_step"] = train_step_flops(setup, devices) * len(devices)
+    result["train_tflops_per_sec"] = round(result["train_flops_per_step"] * steps / statistics.median(seconds) / 1e12, 3)
+    # The devices wait for input only if steps fed by the input pipeline are slower than steps
+    # on a batch already there.
+    t_fed, t_resident = statistics.median(seconds), statistics.median(resident_seconds)
+    result["input_wait_share"] = round(max(0.0, (t_fed - t_resident) / t_fed), 4)
+    result["input_leaves_devices_idle"] = result["input_wait_share"] > INPUT_WAIT_TOLERANCE
     if plain:
         t_aug, t_plain = statistics.median(seconds), statistics.median(plain_seconds)
         result["augmentation_share"] = round((t_aug - t_plain) / t_aug, 4)
@@ -192,7 +217,7 @@ def benchmark(config, dataset, devices, steps, repeats, train_only=False):
         result["eval_images_per_sec"] = round(eval_images_per_sec(setup, devices, loop.state, steps, repeats), 1)
     result["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["device_peak_memory_mb"] = device_peak_memory_mb(devices)
-    if not train_only:
+    if not train_only and breakdown:
         result["memory_breakdown_mb"] = memory_breakdown_mb(loop)
     return result
 
@@ -212,6 +237,8 @@ def main():
     parser.add_argument("--num-test", type=int, default=CIFAR10_TEST)
     parser.add_argument("--no-augment", action="store_true", help="train without the on-device augmentation")
     parser.add_argument("--train-only", action="store_true", help="skip the eval and augmentation-share timings")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the augmentation share and the memory breakdown (two more compilations)")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
 
@@ -240,7 +267,7 @@ def main():
         "repeats": args.repeats,
         "num_train": args.num_train,
     }
-    result.update(benchmark(config, dataset, devices, args.steps, args.repeats, args.train_only))
+    result.update(benchmark(config, dataset, devices, args.steps, args.repeats, args.train_only, not args.no_breakdown))
     if not args.json:
         print(
             f"{result['model']} {result['dtype']} batch {result['batch_size']} on {result['devices']} "
