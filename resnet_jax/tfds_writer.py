@@ -102,28 +102,34 @@ def balanced(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.stack([group[: min(map(len, by_class))] for group in by_class], 1).reshape(-1)[:limit]
 
 
-def read_archive(archive: str) -> Dict[str, Dict[str, np.ndarray]]:
-    """CIFAR-10's images from JPEG folders `{train,test}/<class>/*.jpg` (a .tar.xz or a directory)."""
-    found = {"train": ([], []), "test": ([], [])}
+def read_archive(archive: str, sizes: Dict[str, int], seed: int = 0) -> Dict[str, Dict[str, np.ndarray]]:
+    """CIFAR-10's images from JPEG folders `{train,test}/<class>/*.jpg` (a .tar.xz or a directory):
+    `sizes[split]` class-balanced examples of each split (0: all), decoding only those."""
+    found = {split: ([], []) for split in sizes}
 
-    def add(member_name, data):
+    def add(member_name, read):
         split, label, _ = member_name.replace(os.sep, "/").split("/")[-3:]
-        found[split][0].append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-        found[split][1].append(CIFAR10_LABELS.index(label))
+        if split in found:
+            found[split][0].append(read())
+            found[split][1].append(CIFAR10_LABELS.index(label))
 
     if os.path.isdir(archive):
         for split in found:
             for label in CIFAR10_LABELS:
-                folder = os.path.join(archive, split, label)
-                for file in sorted(os.listdir(folder)):
-                    with open(os.path.join(folder, file), "rb") as f:
-                        add(os.path.join(folder, file), f.read())
+                for file in sorted(os.listdir(os.path.join(archive, split, label))):
+                    path = os.path.join(archive, split, label, file)
+                    add(path, lambda: open(path, "rb").read())
     else:
         with tarfile.open(archive) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".jpg"):
-                    add(member.name, tar.extractfile(member).read())
-    return {split: {"image": np.stack(images), "label": np.asarray(labels)} for split, (images, labels) in found.items()}
+                    add(member.name, lambda: tar.extractfile(member).read())
+    splits = {}
+    for offset, (split, (jpegs, labels)) in enumerate(found.items()):
+        idx = balanced(np.asarray(labels), sizes[split], seed + offset)
+        images = [np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB")) for i in idx]
+        splits[split] = {"image": np.stack(images), "label": np.asarray(labels)[idx]}
+    return splits
 
 
 def synthetic(num_classes: int, sizes: Dict[str, int], seed: int = 0, coarse: Optional[int] = None):
@@ -157,11 +163,7 @@ def main(argv=None):
     if args.archive:
         if args.name != "cifar10":
             parser.error("--archive holds CIFAR-10; --name cifar100 needs --synthetic")
-        data = read_archive(args.archive)
-        splits = {}
-        for offset, (split, limit) in enumerate((("train", args.train), ("test", args.test))):
-            idx = balanced(data[split]["label"], limit, args.seed + offset)
-            splits[split] = {k: v[idx] for k, v in data[split].items()}
+        splits = read_archive(args.archive, {"train": args.train, "test": args.test}, args.seed)
         label_names = {"label": CIFAR10_LABELS}
     else:
         sizes = {"train": args.train or 5000, "test": args.test or 1000}

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from resnet_jax import tfds_writer  # noqa: E402
+
 # CIFAR-10's real images (JPEG folders, .tar.xz): the tests' data sets are made of them where the
 # archive exists (this repository's workplace keeps it in ../shared/data), and of the writer's
 # learnable synthetic stand-ins elsewhere, so the suite runs anywhere the package is installed.
@@ -22,35 +23,28 @@ CIFAR10_ARCHIVE = os.environ.get(
 )
 
 
-@pytest.fixture(scope="session")
-def cifar10_source():
-    """{split: {"image", "label"}}: the real images if CIFAR10_ARCHIVE exists, else synthetic ones."""
+def make_tfds_cifar10(data_dir, train, test):
+    """A real-format tfds cifar10 (array_record) in `data_dir` with `train` and `test`
+    class-balanced images: real ones from CIFAR10_ARCHIVE if it exists, else synthetic ones."""
+    sizes = {"train": train, "test": test}
     if os.path.exists(CIFAR10_ARCHIVE):
-        return tfds_writer.read_archive(CIFAR10_ARCHIVE)
-    return tfds_writer.synthetic(10, {"train": 5000, "test": 1000})
-
-
-def make_tfds_cifar10(source, data_dir, train, test):
-    """A real-format tfds cifar10 (array_record) in `data_dir`: `train` and `test` class-balanced
-    images of `source`."""
-    splits = {}
-    for offset, (split, limit) in enumerate((("train", train), ("test", test))):
-        idx = tfds_writer.balanced(source[split]["label"], limit, offset)
-        splits[split] = {k: v[idx] for k, v in source[split].items()}
+        splits = tfds_writer.read_archive(CIFAR10_ARCHIVE, sizes)
+    else:
+        splits = tfds_writer.synthetic(10, sizes)
     tfds_writer.write(str(data_dir), "cifar10", splits, {"label": tfds_writer.CIFAR10_LABELS})
     return str(data_dir)
 
 
 @pytest.fixture(scope="session")
-def small_data_dir(cifar10_source, tmp_path_factory):
+def small_data_dir(tmp_path_factory):
     """A real-format tfds cifar10 (array_record) with 2000 train and 500 test images."""
-    return make_tfds_cifar10(cifar10_source, tmp_path_factory.mktemp("tfds_small"), 2000, 500)
+    return make_tfds_cifar10(tmp_path_factory.mktemp("tfds_small"), 2000, 500)
 
 
 @pytest.fixture(scope="session")
-def tiny_data_dir(cifar10_source, tmp_path_factory):
+def tiny_data_dir(tmp_path_factory):
     """A real-format tfds cifar10 with 640 train and 100 test images, for end-to-end runs."""
-    return make_tfds_cifar10(cifar10_source, tmp_path_factory.mktemp("tfds_tiny"), 640, 100)
+    return make_tfds_cifar10(tmp_path_factory.mktemp("tfds_tiny"), 640, 100)
 
 
 def run_cli(*args, timeout=300, env=None, cwd=ROOT):
