@@ -6,7 +6,8 @@
                   [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 Bad input ends in one line on stderr and exit code 2; a failure during the run in
-exit code 1; success and a clean stop on SIGTERM/SIGINT in exit code 0.
+exit code 1; success and a clean stop on SIGTERM/SIGINT in exit code 0. RESNET_JAX_DEBUG=1
+shows every error with its Python traceback instead (for bug reports).
 """
 
 import logging
@@ -76,6 +77,8 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 
 def main(argv):
+    if os.environ.get("RESNET_JAX_DEBUG") == "1":  # For bug reports: every error with its traceback.
+        return run(argv)
     try:
         run(argv)
     except RunFailure as e:
@@ -103,10 +106,9 @@ def run(argv) -> None:
 
     from resnet_jax import accelerators, evaluate, train, validation, workdir as workdir_lib
 
-    accelerators.log_platform()
-
     config = FLAGS.config
-    validation.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
+    accelerators.log_platform()
     config_path = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
 

@@ -100,3 +100,11 @@ def test_a_config_file_that_raises_is_reported(tmp_path):
     result = run_cli("--config", str(bad))
     assert result.returncode == 2
     assert "ValueError: boom in config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resnet_jax_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"), "--config.batch_size=0",
+                     env={"RESNET_JAX_DEBUG": "1"})
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "resnet_jax.errors.Error: --config.batch_size must be positive" in result.stderr
