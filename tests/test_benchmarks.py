@@ -26,6 +26,7 @@ def run_benchmark(script, *args):
     return json.loads(lines[0])
 
 
+@pytest.mark.slow
 def test_throughput_reports_train_eval_compile_and_memory():
     result = run_benchmark("throughput.py", "--model", "resnet8", "--batch-size", "16", "--eval-batch-size", "40",
                            "--steps", "2", "--repeats", "1")
@@ -49,6 +50,7 @@ def test_throughput_reports_train_eval_compile_and_memory():
     assert sum(parts.values()) < result["peak_host_memory_mb"]
 
 
+@pytest.mark.slow
 def test_input_pipeline_reports_host_and_transfer_rates():
     result = run_benchmark("input_pipeline.py", "--batch-size", "64", "--num-train", "1000", "--steps", "3", "--repeats", "1")
     assert (result["batch_size"], result["num_train"], result["devices"]) == (64, 1000, 8)
@@ -79,6 +81,7 @@ def test_conv_ops_times_every_convolution_of_the_model(name):
     assert shapes == kernels
 
 
+@pytest.mark.slow
 def test_conv_ops_reports_forward_and_gradient_times():
     result = run_benchmark("conv_ops.py", "--batch-size", "2", "--repeats", "1")
     assert (result["model"], result["batch_size"], result["dtype"]) == ("resnet18", 2, "float32")

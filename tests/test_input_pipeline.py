@@ -211,6 +211,7 @@ def test_unreadable_data_dir_gives_a_clear_error(small_data_dir, tmp_path):
         input_pipeline.load_dataset(data_config(str(copy)))
 
 
+@pytest.mark.slow
 def test_training_on_array_record_data_never_imports_tensorflow(small_data_dir):
     script = textwrap.dedent(
         f"""

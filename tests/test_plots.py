@@ -67,6 +67,7 @@ def test_no_metrics_is_a_clear_error(tmp_path):
     assert not os.path.exists(tmp_path / "curves.png")
 
 
+@pytest.mark.slow
 def test_main_redraws_a_finished_runs_curves(tiny_data_dir, tmp_path_factory):
     workdir = smoke_run_workdir(tiny_data_dir, tmp_path_factory)
     os.remove(os.path.join(workdir, "curves.png"))

@@ -183,6 +183,7 @@ def test_files_that_are_not_images_say_why(tmp_path):
 # ------------------------------------------------------------------------ --mode predict
 
 
+@pytest.mark.slow
 def test_predict_json_agrees_with_eval_mode(smoke_run, tiny_data_dir, dataset, eval_probabilities,
                                             right_and_wrong, tmp_path):
     right, wrong = right_and_wrong
@@ -201,6 +202,7 @@ def test_predict_json_agrees_with_eval_mode(smoke_run, tiny_data_dir, dataset, e
         dataset.class_names[dataset.test_labels[i]] for i in right]
 
 
+@pytest.mark.slow
 def test_bad_files_fail_alone_and_the_exit_code_is_1(smoke_run, tiny_data_dir, dataset, eval_probabilities,
                                                       right_and_wrong, tmp_path):
     good = save_pngs(dataset, right_and_wrong[0][:2], tmp_path)
@@ -222,6 +224,7 @@ def test_bad_files_fail_alone_and_the_exit_code_is_1(smoke_run, tiny_data_dir, d
     assert "not an image file" in errors[0] and "cannot read the image" in errors[1] and "refused" in errors[2]
 
 
+@pytest.mark.slow
 def test_predict_errors_for_the_whole_run(config, dataset, smoke_run, tmp_path, capsys):
     with pytest.raises(Error, match="no checkpoint in"):
         predict.predict_files(config, str(tmp_path), ["any.png"], dataset=dataset)
@@ -232,6 +235,7 @@ def test_predict_errors_for_the_whole_run(config, dataset, smoke_run, tmp_path, 
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 def test_predict_json_reports_errors_as_lines(config, dataset, smoke_run, tmp_path, capsys):
     text = tmp_path / "text.png"
     text.write_text("hello")

@@ -62,6 +62,7 @@ def copy_of(workdir, tmp_path):
     return target
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "run.py"),
@@ -96,6 +97,7 @@ def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tm
     assert len(keys) == len(set(keys)) and (40, "test") in keys  # never two lines for one (step, split)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     manifest = workdir / "checkpoints" / "20" / "default" / "manifest.ocdbt"
@@ -108,6 +110,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ten_steps, tin
     assert os.path.exists(workdir / "unusable_checkpoints" / "20" / "default" / "manifest.ocdbt")  # kept aside
 
 
+@pytest.mark.slow
 def test_no_usable_checkpoint_refuses_to_start_over(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     for step in (10, 20):
@@ -118,6 +121,7 @@ def test_no_usable_checkpoint_refuses_to_start_over(ten_steps, tiny_data_dir, tm
     assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     before = snapshot(workdir)
@@ -130,6 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ten_steps, tin
     assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_workdir_refuses_to_start(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args(tiny_data_dir, workdir, 100000)],
@@ -161,6 +166,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
             workdir_lib.Lock(str(tmp_path)).acquire()
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_is_reported_at_start(tiny_data_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -168,6 +174,7 @@ def test_unwritable_workdir_is_reported_at_start(tiny_data_dir, tmp_path):
     assert f"cannot write to workdir {blocker / 'run'}" in line
 
 
+@pytest.mark.slow
 def test_a_failed_save_during_the_run_stops_training(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args(tiny_data_dir, workdir, 100000)],
@@ -188,6 +195,7 @@ def test_a_failed_save_during_the_run_stops_training(ten_steps, tiny_data_dir, t
     assert sorted(os.listdir(tmp_path / "saved")) == ["10", "20"]
 
 
+@pytest.mark.slow
 def test_config_change_that_breaks_resume_is_refused(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     before = snapshot(workdir)
@@ -200,6 +208,7 @@ def test_config_change_that_breaks_resume_is_refused(ten_steps, tiny_data_dir, t
     assert result.returncode == 0 and steps_on_disk(workdir) == [10, 20, 30], result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_eval_without_checkpoints_or_with_a_missing_step(ten_steps, tiny_data_dir, tmp_path):
     line = one_line_error(run_cli("--config", "configs/smoke.py", "--workdir", str(tmp_path / "empty"), "--mode", "eval",
                                   f"--config.data.data_dir={tiny_data_dir}"), 2)
@@ -209,6 +218,7 @@ def test_eval_without_checkpoints_or_with_a_missing_step(ten_steps, tiny_data_di
     assert "no checkpoint at step 15" in line and "available: 10, 20" in line
 
 
+@pytest.mark.slow
 def test_missing_or_corrupt_data_through_run_py(tiny_data_dir, tmp_path):
     line = one_line_error(run_cli(*args(str(tmp_path / "nothing"), tmp_path / "w", 10, "--config.data.download=False")), 2)
     assert "cifar10 3.0.2 is not prepared in" in line and "--config.data.data_dir" in line
