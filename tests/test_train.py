@@ -72,6 +72,25 @@ def test_without_sync_batch_norm_devices_normalise_locally(dataset):
     assert max(diffs) > 1e-3
 
 
+@pytest.mark.parametrize("sync_batch_norm", [True, False])
+def test_every_device_holds_the_same_state_after_several_steps(dataset, sync_batch_norm):
+    """`first_replica` reads device 0 only: a missing pmean would go unnoticed without this."""
+    config = smoke.get_config()
+    config.model.sync_batch_norm = sync_batch_norm
+    setup = train.Setup(config, dataset)
+    state = train.replicate(setup.initial_state)
+    p_train_step = setup.p_train_step()
+    for batch in train.device_batches(dataset, config, 0, 4):
+        state = p_train_step(state, batch)
+    assert int(checkpoints.first_replica(state).step) == 4
+    for name in ("params", "batch_stats", "opt_state"):
+        for leaf in jax.tree_util.tree_leaves(getattr(state, name)):
+            replicas = [np.asarray(shard.data) for shard in leaf.addressable_shards]
+            assert len(replicas) == 8
+            for replica in replicas[1:]:
+                np.testing.assert_array_equal(replica, replicas[0], err_msg=name)
+
+
 def test_weight_decay_masks_kernels_only():
     params = {"conv": {"kernel": np.ones((3, 3, 1, 1))}, "bn": {"scale": np.ones(1), "bias": np.ones(1)},
               "head": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
@@ -131,6 +150,7 @@ def final_state(workdir, data_dir):
     return checkpoints.restore_latest(manager, setup.initial_state)
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_checkpoints_and_config(trained):
     records = read_metrics(os.path.join(trained, "metrics.jsonl"))
     train_records = [r for r in records if r["split"] == "train"]
@@ -155,6 +175,7 @@ def test_run_writes_metrics_checkpoints_and_config(trained):
     assert not os.path.exists(os.path.join(trained, "lock"))
 
 
+@pytest.mark.slow
 def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_dir):
     result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval",
                      f"--config.data.data_dir={tiny_data_dir}")
@@ -179,6 +200,7 @@ def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_di
         assert f"eval: step {step or best}:" in result.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir, tmp_path):
     workdir = tmp_path / "interrupted"
     cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(tiny_data_dir, workdir)]
@@ -214,6 +236,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir
     )
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path):
     args = ("--config.num_train_steps=6", "--config.log_every_steps=3", "--config.eval_every_epochs=100")
     one = tmp_path / "one"
