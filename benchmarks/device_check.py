@@ -44,7 +44,7 @@ PYTHON = sys.executable
 # Dense bf16 peak of one device, TFLOP/s (vendor datasheets, SXM parts): MFU's denominator.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L4": 121.0}
 # The GPU tests: files, and the tests of the train step that run on one device.
-GPU_TESTS = ["tests/test_models.py", "tests/test_train.py", "-k", "not every_model and not devices and not process and not sigterm"]
+GPU_TESTS = ["tests/test_models.py", "tests/test_train.py", "-k", "not every_model and not device and not process and not sigterm"]
 ACCURACY_MARKS = (0.90, 0.93, 0.94, 0.95)
 TTA_EPOCHS, MIN_TTA_EPOCHS = 30, 10  # the time-to-accuracy recipe's length, and the shortest worth running
 
@@ -221,8 +221,10 @@ def setup_stage(check, args, sizes, data_dir, background):
 
 def newest_jax_stage(check, sizes, gpu_platform, background):
     """The model and train-step tests on the GPU, then the CPU test tier's results (8 CPU devices)."""
+    # Not preallocating: the tests' run.py subprocesses share the GPU with the pytest process.
+    gpu_env = dict(check.env, JAX_PLATFORMS=gpu_platform, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     code, output = check.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sizes.get("gpu_tests", GPU_TESTS)],
-                             timeout=150, env=dict(check.env, JAX_PLATFORMS=gpu_platform))
+                             timeout=150, env=gpu_env)
     result = {"gpu_tests": pytest_counts(code, output)}
     if "cpu_tests" not in background:
         raise RuntimeError("the CPU tests were not started: the setup stage failed")
