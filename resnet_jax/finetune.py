@@ -95,7 +95,7 @@ def merge(config, source: str, template: dict, loaded: dict) -> Tuple[dict, bool
     theirs = traverse_util.flatten_dict({c: loaded[c] for c in COLLECTIONS})
     new_head = theirs.get(HEAD + ("bias",), np.zeros(0)).shape != ours[HEAD + ("bias",)].shape
     merged = {}
-    for key, value in ours.items():  # In the model's order: the first misfit is named.
+    for key, value in ours.items():  # In sorted order (jax's for dicts): the first misfit is named.
         name = "/".join(key)
         if new_head and key[:2] == HEAD:
             merged[key] = value
