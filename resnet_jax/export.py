@@ -126,9 +126,11 @@ def check_packages(formats) -> None:
 
 def parity(name, exported, reference, path) -> dict:
     """How the export's logits compare with the Flax model's; a RunFailure past PARITY_ATOL."""
+    if exported.shape != reference.shape:
+        raise RunFailure(f"the {name} export in {path} returns logits of shape {exported.shape}, not {reference.shape}")
     difference = float(np.max(np.abs(exported - reference)))
     agreement = float(np.mean(exported.argmax(-1) == reference.argmax(-1)))
-    if not (exported.shape == reference.shape and difference <= PARITY_ATOL and agreement == 1.0):
+    if not (difference <= PARITY_ATOL and agreement == 1.0):
         raise RunFailure(
             f"the {name} export in {path} does not match the Flax model on {len(reference)} test images "
             f"(max |logit difference| {difference:.3g}, limit {PARITY_ATOL}; top-1 agreement {agreement:.2%}); do not use it"

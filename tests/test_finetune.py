@@ -137,15 +137,23 @@ def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tm
         fine_tune_state(smoke_setup(10), tmp_path / "partial.safetensors")
 
 
+# These runs test fine-tuning, not the pmapped paths (other tests run those on 8 devices):
+# one device spares them the per-device overhead on a 2-core CPU.
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def run_smoke(workdir, *args):
+    result = run_cli("--config", "configs/smoke.py", "--workdir", str(workdir), *args, env=ONE_DEVICE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def pretrained(small_data_dir, tmp_path_factory):
-    """A resnet8 trained on 2,000 CIFAR-10 images (the smoke recipe, 248 steps)."""
-    workdir = str(tmp_path_factory.mktemp("pretrained"))
-    config = smoke.get_config()
-    config.data.data_dir = small_data_dir
-    config.eval_every_epochs = 100.0
-    train.train_and_evaluate(config, workdir)
-    return workdir
+    """A resnet8 trained on 2,000 CIFAR-10 images (the smoke recipe: 248 steps, 38% test accuracy)."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    run_smoke(workdir, f"--config.data.data_dir={small_data_dir}", "--config.eval_every_epochs=100")
+    return str(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -160,18 +168,15 @@ def last_test_accuracy(workdir) -> float:
 
 @pytest.fixture(scope="module")
 def fine_tuned(pretrained, planes_and_cars, tmp_path_factory):
-    """The workdir of the CLI fine-tune run, and the accuracy of the same recipe from scratch."""
-    accuracies = {}
-    for name, init in (("fine_tuned", [f"--config.init_from={pretrained}"]), ("scratch", [])):
-        workdir = str(tmp_path_factory.mktemp(name))
-        result = run_cli("--config", "configs/smoke.py", "--workdir", workdir, "--config.data.name=folder",
-                         f"--config.data.folder={planes_and_cars}", *RECIPE, *init)
-        assert result.returncode == 0, result.stderr[-3000:]
-        accuracies[name] = last_test_accuracy(workdir)
-        if init:
-            assert f"fine-tuning from the checkpoint at step 248 of {pretrained}: loaded 35 tensors; the head is new (2 classes)" in result.stderr
-            fine_tuned_workdir = workdir
-    return fine_tuned_workdir, accuracies
+    """The workdir of the fine-tune run on the folder, and both runs' test accuracies."""
+    folder = ("--config.data.name=folder", f"--config.data.folder={planes_and_cars}", *RECIPE)
+    scratch = str(tmp_path_factory.mktemp("scratch"))
+    run_smoke(scratch, *folder)
+    workdir = str(tmp_path_factory.mktemp("fine_tuned"))
+    result = run_smoke(workdir, *folder, f"--config.init_from={pretrained}")
+    assert (f"fine-tuning from the checkpoint at step 248 of {pretrained}: loaded 35 tensors; "
+            "the head is new (2 classes)") in result.stderr
+    return workdir, {"fine_tuned": last_test_accuracy(workdir), "scratch": last_test_accuracy(scratch)}
 
 
 def test_fine_tuning_beats_training_from_scratch(fine_tuned):
@@ -182,35 +187,26 @@ def test_fine_tuning_beats_training_from_scratch(fine_tuned):
 
 def test_folder_class_names_reach_predict_and_export(fine_tuned, planes_and_cars):
     workdir, _ = fine_tuned
+    folder = ("--config.data.name=folder", f"--config.data.folder={planes_and_cars}")
     image = os.path.join(planes_and_cars, "test", "automobile", "0000.jpg")
-    common = ("--config", "configs/smoke.py", "--workdir", workdir, "--config.data.name=folder",
-              f"--config.data.folder={planes_and_cars}")
-    result = run_cli(*common, "--mode", "predict", "--json", image)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_smoke(workdir, *folder, "--mode", "predict", "--json", image)
     assert {t["class"] for t in json.loads(result.stdout.strip().splitlines()[-1])["top3"]} == {"airplane", "automobile"}
-    result = run_cli(*common, "--mode", "export", "--config.export_formats=stablehlo")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_smoke(workdir, *folder, "--mode", "export", "--config.export_formats=stablehlo")
     with open(os.path.join(workdir, "export", "model.json")) as f:
         report = json.load(f)
     assert report["class_names"] == ["airplane", "automobile"] and list(report["exports"]) == ["stablehlo"]
     assert report["checkpoint"]["step"] == 20 and report["input"]["shape"] == [None, 32, 32, 3]
 
 
-def test_a_resumed_fine_tune_does_not_import_the_weights_again(tmp_path, planes_and_cars, caplog):
-    path = tmp_path / "weights.safetensors"
-    save_file(torchvision_state_dict(random_variables(smoke_setup(10), seed=4), (1, 1, 1)), str(path))
-    config = smoke.get_config()
-    config.data.name, config.data.folder, config.init_from = "folder", planes_and_cars, str(path)
-    config.num_train_steps, config.checkpoint_every_steps, config.eval_every_epochs = 2, 2, 100.0
-    dataset = input_pipeline.load_dataset(config.data)
-    with caplog.at_level("INFO"):
-        assert int(train.train_and_evaluate(config, str(tmp_path / "run"), dataset=dataset).step) == 2
-    assert "fine-tuning from the state_dict" in caplog.text
-    caplog.clear()
-    os.remove(path)  # Importing again would now fail.
-    config.num_train_steps = 4
-    with caplog.at_level("INFO"):
-        assert int(train.train_and_evaluate(config, str(tmp_path / "run"), dataset=dataset).step) == 4
-    assert "resumed from the checkpoint at step 2" in caplog.text and "fine-tuning" not in caplog.text
-    with pytest.raises(Error, match=r"--config.init_from='.*weights.safetensors' does not exist"):
-        train.train_and_evaluate(config, str(tmp_path / "new_run"), dataset=dataset)
+def test_a_resumed_fine_tune_does_not_import_the_weights_again(fine_tuned, planes_and_cars, tmp_path):
+    """Runs last in this file: it extends the fine-tune run. A resume that imported the
+    weights again would fail on an init_from that no longer exists."""
+    workdir, _ = fine_tuned
+    gone = str(tmp_path / "moved_away")
+    result = run_smoke(workdir, "--config.data.name=folder", f"--config.data.folder={planes_and_cars}",
+                       *RECIPE, "--config.num_train_steps=22", f"--config.init_from={gone}")
+    assert "resumed from the checkpoint at step 20" in result.stderr and "fine-tuning" not in result.stderr
+    assert last_test_accuracy(workdir) > 0 and max(r["step"] for r in workdir_lib.read_metrics(
+        os.path.join(workdir, "metrics.jsonl"))) == 22
+    with pytest.raises(Error, match="does not exist; give a run's workdir or a state_dict file"):
+        fine_tune_state(smoke_setup(10), gone)  # what a new run would say
