@@ -31,10 +31,9 @@ def fake_dataset(num_classes: int, size: int = 32) -> input_pipeline.Dataset:
 
 
 @functools.lru_cache(maxsize=None)
-def smoke_setup(num_classes: int, num_filters: int = 8) -> train.Setup:
+def smoke_setup(num_classes: int) -> train.Setup:
     """The smoke config's Setup (each costs an init compile of seconds: shared)."""
     config = smoke.get_config()
-    config.model.num_filters = num_filters
     return train.Setup(config, fake_dataset(num_classes))
 
 
@@ -121,8 +120,10 @@ def test_torch_load_reads_weights_only(tmp_path):
 
 
 def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tmp_path):
-    wide = random_variables(smoke_setup(10, 16), seed=3)
-    save_file(torchvision_state_dict(wide, (1, 1, 1)), str(tmp_path / "wide.safetensors"))
+    state_dict = torchvision_state_dict(random_variables(smoke_setup(10), seed=3), (1, 1, 1))
+    wide = dict(state_dict, **{"conv1.weight": np.ones((16, 3, 3, 3), np.float32)})  # a stem of 16 filters
+    wide.update({f"bn1.{field}": np.ones(16, np.float32) for field in ("weight", "bias", "running_mean", "running_var")})
+    save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(Error) as raised:
         fine_tune_state(smoke_setup(10), tmp_path / "wide.safetensors")
     assert str(raised.value) == (
@@ -130,7 +131,6 @@ def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tm
         "params/bn_init/bias has shape (16,) there, (8,) here; "
         "fine-tuning needs the same architecture (only the number of classes may differ)"
     )
-    state_dict = torchvision_state_dict(random_variables(smoke_setup(10), seed=3), (1, 1, 1))
     del state_dict["layer2.0.conv1.weight"]
     save_file(state_dict, str(tmp_path / "partial.safetensors"))
     with pytest.raises(Error, match=r"does not fit resnet8, num_filters=8: layer2\.0\.conv1\.weight is missing there"):
@@ -181,7 +181,9 @@ def fine_tuned(pretrained, planes_and_cars, tmp_path_factory):
 
 def test_fine_tuning_beats_training_from_scratch(fine_tuned):
     _, accuracies = fine_tuned
-    # Measured: 0.81-0.82 fine-tuned against 0.72-0.75 from scratch over seeds and step counts.
+    # Measured with seeds 0, 1, 2 (this test runs seed 0): fine-tuned 0.815, 0.820, 0.810; from
+    # scratch 0.745, 0.725, 0.745. The smallest gap, 0.065, is well above the 0.04 asked. From a
+    # model pretrained half as long (124 steps) the gap fell to 0.04 at seed 2: hence 248 steps.
     assert accuracies["fine_tuned"] >= accuracies["scratch"] + 0.04, accuracies
 
 
