@@ -78,11 +78,13 @@ def export_onnx(serve, image_shape, path):
             input_names=["images"],
             output_names=["logits"],
         )
+    # jax2onnx 0.13.0 annotates some intermediate tensors NHWC that its Conv plugin leaves NCHW;
+    # onnxruntime then refuses a ResNet-18 ("Add: Incompatible dimensions"). The annotations are
+    # optional hints: without them onnxruntime infers every shape itself.
+    del proto.graph.value_info[:]
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # jax2onnx's layout annotations make onnxruntime warn (harmlessly) otherwise
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     return lambda images: session.run(["logits"], {"images": images})[0]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from configs import smoke
-from resnet_jax import checkpoints, export, input_pipeline, train, validation
+from resnet_jax import checkpoints, export, input_pipeline, models, train, validation
 from resnet_jax.errors import Error, RunFailure
 from test_predict import smoke_run_workdir
 
@@ -143,3 +143,19 @@ def test_the_export_module_imports_no_converter_until_asked():
     code = "import sys, resnet_jax.export; print(sorted({'tensorflow', 'jax2onnx', 'onnxruntime'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("stem,stage_sizes,num_filters", [("imagenet", (1, 1, 1), 8), ("cifar", (2, 1), 16)])
+def test_onnx_converts_what_the_smoke_model_lacks(tmp_path, stem, stage_sizes, num_filters):
+    """The ImageNet stem's padded max-pool, projection shortcuts, and two blocks in a stage: each
+    failed through jax2onnx 0.13.0 before the workarounds in models.py and export.export_onnx."""
+    pytest.importorskip("jax2onnx", reason="the [export] extra is not installed")
+    model = models.ResNet(stage_sizes=stage_sizes, block_cls=models.BasicBlock, num_classes=10,
+                          num_filters=num_filters, stem=stem)
+    variables = jax.jit(lambda key: model.init(key, np.zeros((1, 32, 32, 3), np.float32), train=False))(jax.random.key(0))
+    serve = export.serving_function(model, variables, np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32))
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    reference = np.asarray(jax.jit(serve)(images))
+    logits = export.export_onnx(serve, (32, 32, 3), str(tmp_path / "model.onnx"))(images)
+    assert np.abs(reference).max() > 0.1
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=ATOL)
