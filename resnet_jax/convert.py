@@ -20,7 +20,7 @@ BN_FIELDS = {
 
 
 class Mismatch(ValueError):
-    """A state_dict whose keys do not fit the ResNet: `missing` and `unmapped` keys, in model order."""
+    """A state_dict whose keys do not fit the ResNet: `missing` keys in model order, `unmapped` keys sorted."""
 
     def __init__(self, message, missing, unmapped):
         super().__init__(message)
