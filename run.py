@@ -1,6 +1,6 @@
 """Train or evaluate a ResNet on CIFAR.
 
-    python run.py --config configs/resnet18.py [--workdir DIR] [--mode train|eval|summary]
+    python run.py --config configs/resnet18.py [--workdir DIR] [--mode train|eval|export|summary]
                   [--config.key=value ...]
     python run.py --config configs/resnet18.py --mode predict [--json] IMAGE [IMAGE ...]
                   [--coordinator_address HOST:PORT --num_processes N --process_id I]
@@ -26,9 +26,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go. Default: runs/<config file stem>.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "predict", "summary"],
+    "mode", "train", ["train", "eval", "predict", "export", "summary"],
     "train (resuming if the workdir has checkpoints), eval (a checkpoint on the test split), "
-    "predict (IMAGE files with a checkpoint) or summary (the model's table).",
+    "predict (IMAGE files with a checkpoint), export (a checkpoint as StableHLO, ONNX and a "
+    "SavedModel in WORKDIR/export/) or summary (the model's table).",
 )
 flags.DEFINE_bool("json", False, "--mode predict: one JSON line per image.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
@@ -130,6 +131,23 @@ def run(argv) -> None:
             f"eval: step {report['step']}: accuracy {report['accuracy']:.4f}, loss {report['loss']:.4f} "
             f"on {report['num_examples']} test examples; wrote {workdir}/eval_{report['step']}.json"
         )
+        return
+
+    if FLAGS.mode == "export":
+        from resnet_jax import export
+
+        report = export.export_checkpoint(config, workdir)
+        if report:
+            for name, result in report["exports"].items():
+                print(
+                    f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference| "
+                    f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']} test images, same top-1)"
+                )
+            checkpoint = report["checkpoint"]
+            print(
+                f"export: step {checkpoint['step']} (test accuracy {checkpoint['test_accuracy']:.4f}); "
+                f"wrote {os.path.join(workdir, 'export', 'model.json')}"
+            )
         return
 
     workdir_lib.prepare(workdir)

@@ -20,7 +20,9 @@ def get_config():
     config.model.zero_init_residual = False  # start each residual branch's last BN scale at 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "cifar10"  # tfds data set: "cifar10" or "cifar100"
+    config.data.name = "cifar10"  # tfds data set "cifar10" or "cifar100", or "folder": your images in data.folder
+    config.data.folder = config_dict.placeholder(str)  # data.name="folder": DIR holding train/<class>/* and test/<class>/* (PNG, JPEG)
+    config.data.image_size = 32  # data.name="folder": images are centre-cropped square and resized to this side
     config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.data.download = True  # download and prepare the data set if data_dir lacks it
     config.data.augment = True  # random crop + horizontal flip on the device
@@ -53,4 +55,9 @@ def get_config():
     config.keep_checkpoints = 3  # most recent checkpoints kept (plus the best by test accuracy)
     config.eval_checkpoint_step = "latest"  # --mode eval/predict: "latest", "best" or a step number
     config.allow_config_change = False  # resume even if architecture, data set or batch size changed
+
+    config.init_from = config_dict.placeholder(str)  # fine-tune from a run's WORKDIR or a torchvision-style state_dict (.pt/.pth/.safetensors); None: from scratch
+    config.init_from_step = "latest"  # init_from a WORKDIR: its "latest", "best" or a step number
+    config.export_formats = "stablehlo,onnx,savedmodel"  # --mode export: comma-separated formats written to WORKDIR/export/
+    config.export_parity_examples = 256  # --mode export: test images each export must match the Flax model on
     return config

@@ -135,13 +135,13 @@ def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optiona
     return template
 
 
-def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
-    """Restores the checkpoint `which` names: "latest", "best" or a step number."""
+def select_step(manager: ocp.CheckpointManager, which: str) -> int:
+    """The step `which` names ("latest", "best" or a step number); an Error if there is none."""
     steps = sorted(manager.all_steps())
     if not steps:
         raise Error(f"no checkpoint in {manager.directory}: train first, or point --workdir at a trained run")
     if which == "latest":
-        return restore_latest(manager, template)
+        return steps[-1]
     if which == "best":
         step = manager.best_step()
     else:
@@ -155,10 +155,36 @@ def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
         raise Error(
             f"no checkpoint at step {which} in {manager.directory}; available: {', '.join(map(str, steps))}"
         )
+    return step
+
+
+def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
+    """Restores the checkpoint `which` names: "latest", "best" or a step number."""
+    step = select_step(manager, which)
+    if which == "latest":
+        return restore_latest(manager, template)
     try:
         return _restore_step(manager, step, template)
     except Exception as e:
         raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable ({_short(e)})") from None
+
+
+def restore_variables(workdir: str, which: str):
+    """(step, {"params", "batch_stats"} as numpy) of the checkpoint `which` names in another
+    run's `workdir`, read without a template: its architecture may differ from ours."""
+    manager = create_manager(workdir, 1, read_only=True)
+    step = which
+    try:
+        step = select_step(manager, which)
+        _drop_failed_restore_noise()
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+    except Error:
+        raise
+    except Exception as e:
+        raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable ({_short(e)})") from None
+    finally:
+        manager.close()
+    return step, {"params": restored["params"], "batch_stats": restored["batch_stats"]}
 
 
 def first_replica(tree):

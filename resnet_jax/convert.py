@@ -1,4 +1,5 @@
-"""Converts torchvision-style PyTorch ResNet state_dicts into this package's Flax variables.
+"""Converts torchvision-style PyTorch ResNet state_dicts into this package's Flax variables
+(the parity test, and fine-tuning with `init_from`).
 
 Works on plain arrays: values may be torch tensors or numpy arrays, and torch is never imported.
 """
@@ -16,6 +17,19 @@ BN_FIELDS = {
     "running_mean": ("batch_stats", "mean"),
     "running_var": ("batch_stats", "var"),
 }
+
+
+class Mismatch(ValueError):
+    """A state_dict whose keys do not fit the ResNet: `missing` keys in model order, `unmapped` keys sorted."""
+
+    def __init__(self, message, missing, unmapped):
+        super().__init__(message)
+        self.missing, self.unmapped = missing, unmapped
+
+
+def block_name(block_cls) -> str:
+    """The BLOCK_LAYERS key of a models block class: "basic" or "bottleneck"."""
+    return "bottleneck" if block_cls.expansion == 4 else "basic"
 
 
 def to_numpy(value):
@@ -60,9 +74,11 @@ def torch_to_flax(state_dict, stage_sizes, block="basic"):
     missing = [key for key, *_ in entries if key not in arrays]
     unmapped = sorted(set(arrays) - {key for key, *_ in entries})
     if missing or unmapped:
-        raise ValueError(
+        raise Mismatch(
             f"state_dict does not fit a {block} ResNet with stage_sizes={tuple(stage_sizes)}: "
-            f"missing keys {missing}, unmapped keys {unmapped}"
+            f"missing keys {missing}, unmapped keys {unmapped}",
+            missing,
+            unmapped,
         )
     variables = {"params": {}, "batch_stats": {}}
     for key, collection, path, transform in entries:

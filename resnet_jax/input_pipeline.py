@@ -43,7 +43,12 @@ class Dataset:
 
 
 def load_dataset(data_config) -> Dataset:
-    """Loads `data_config.name` from tfds, preparing it first if needed (and allowed)."""
+    """Loads `data_config.name` from tfds, preparing it first if needed (and allowed), or
+    the image folder `data_config.folder` when the name is "folder"."""
+    if data_config.name == "folder":
+        from resnet_jax import image_folder
+
+        return image_folder.load(data_config)
     import tensorflow_datasets as tfds  # Imported here: it is slow and only needed here.
 
     try:

@@ -1,7 +1,7 @@
 """`--mode predict`: the top-3 classes of image files, from a trained checkpoint.
 
-Each file becomes the 32x32 RGB uint8 image the network was trained on, the way a
-user would expect:
+Each file becomes the 32x32 RGB uint8 image the network was trained on (for an image
+folder data set, `data.image_size` square), the way a user would expect:
 
 * its EXIF orientation is applied (a phone photo is classified upright);
 * transparency (RGBA, LA, a palette's or PNG's transparent colour) is composited on
@@ -60,8 +60,8 @@ def center_square(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
 
 
-def load_image(path: str) -> np.ndarray:
-    """The file at `path` as a (32, 32, 3) uint8 RGB image; raises Error saying why it cannot."""
+def load_image(path: str, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The file at `path` as a (size, size, 3) uint8 RGB image; raises Error saying why it cannot."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -71,7 +71,7 @@ def load_image(path: str) -> np.ndarray:
                         f"{image.width}x{image.height} pixels is over the limit of {MAX_PIXELS:,} "
                         f"(a decompression bomb, or a photo to shrink first)"
                     )
-                return np.asarray(center_square(to_rgb(ImageOps.exif_transpose(image))))
+                return np.asarray(center_square(to_rgb(ImageOps.exif_transpose(image)), size))
     except Error:
         raise
     except Image.UnidentifiedImageError:
@@ -121,9 +121,10 @@ def predict_files(config, workdir: str, paths, as_json: bool = False, dataset=No
     logging.info("predicting with the checkpoint at step %d in %s", int(state.step), manager.directory)
 
     images, errors = {}, {}
+    size = dataset.train_images.shape[1]  # 32, or a folder data set's data.image_size
     for i, path in enumerate(paths):
         try:
-            images[i] = load_image(path)
+            images[i] = load_image(path, size)
         except Error as e:
             errors[i] = str(e)
     apply = jax.jit(functools.partial(predict_step, preprocess_fn=setup.preprocess_fn))

@@ -1,8 +1,9 @@
 """`--mode summary`: the configured model's table, drawn by Flax's own `nn.tabulate`.
 
 One row per top-level layer (stem, residual blocks, head) with its output shape, its
-forward FLOPs on one 32x32 image (XLA's cost estimate) and its variables; then the
-totals. Only the config is needed: no data set, no checkpoint.
+forward FLOPs on one 32x32 image (XLA's cost estimate; an image folder's `data.image_size`)
+and its variables; then the totals. Only the config is needed: no data set (of an image
+folder, only its class names), no checkpoint.
 """
 
 import functools
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resnet_jax import models, train
+from resnet_jax import image_folder, models, train
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 IMAGE_SHAPE = (32, 32, 3)
@@ -26,9 +27,13 @@ def forward_flops(model, variables, image) -> int:
 
 def summarize(config) -> str:
     """Flax's table of `config`'s model on one image, then its parameter and FLOP totals."""
-    num_classes = NUM_CLASSES[config.data.name]
+    if config.data.name == "folder":  # The class folders' names only: no image is read.
+        num_classes = len(image_folder.class_names(config.data.folder))
+        image_shape = (config.data.image_size, config.data.image_size, 3)
+    else:
+        num_classes, image_shape = NUM_CLASSES[config.data.name], IMAGE_SHAPE
     model = train.create_model(config, num_classes)
-    image = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
+    image = jnp.zeros((1,) + image_shape, jnp.float32)
     rng = jax.random.key(0)
     table = nn.tabulate(
         model, rng, depth=1, compute_flops=True, console_kwargs={"force_terminal": False, "width": WIDTH}
@@ -39,5 +44,5 @@ def summarize(config) -> str:
     return "\n".join(lines + [
         f"{config.model.name} for {config.data.name} ({num_classes} classes, {config.model.dtype}): "
         f"{params:,} trained parameters + {stats:,} BatchNorm statistics = {params + stats:,} variables",
-        f"Forward FLOPs per 32x32 image: {forward_flops(model, variables, image):,}",
+        f"Forward FLOPs per {image_shape[0]}x{image_shape[1]} image: {forward_flops(model, variables, image):,}",
     ])

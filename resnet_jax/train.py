@@ -25,7 +25,7 @@ from flax import jax_utils
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoints, input_pipeline, models, plots, workdir as workdir_lib
+from resnet_jax import checkpoints, finetune, input_pipeline, models, plots, workdir as workdir_lib
 from resnet_jax.errors import RunFailure
 
 AXIS = "batch"
@@ -313,6 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
     quarantine = os.path.join(workdir, "unusable_checkpoints") if is_main else None
     state = checkpoints.restore_latest(manager, setup.initial_state, quarantine)
     start_step = int(state.step)
+    if not start_step and config.init_from:  # A resumed fine-tune continues from its own checkpoints.
+        state = finetune.initial_state(config, setup)
     num_steps = setup.num_steps
     spe = setup.steps_per_epoch
     log = workdir_lib.MetricsLog(workdir) if is_main else None

@@ -5,7 +5,8 @@ import jax
 from resnet_jax import models
 from resnet_jax.errors import Error
 
-DATASETS = ("cifar10", "cifar100")
+DATASETS = ("cifar10", "cifar100", "folder")
+EXPORT_FORMATS = ("stablehlo", "onnx", "savedmodel")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
 
@@ -33,6 +34,9 @@ def validate(config, device_count: int = None) -> None:
     if config.model.num_filters is not None:
         _positive(config, "model.num_filters")
     _choice("data.name", config.data.name, DATASETS)
+    if config.data.name == "folder" and not config.data.folder:
+        raise Error("--config.data.name=folder needs --config.data.folder=DIR (holding train/<class>/ and test/<class>/ images)")
+    _positive(config, "data.image_size")
     _choice("data.padding_mode", config.data.padding_mode, ("reflect", "zero"))
     _choice("data.normalization", config.data.normalization, ("dataset", "half"))
     if config.data.crop_padding < 0 or config.data.cutout < 0:
@@ -56,6 +60,17 @@ def validate(config, device_count: int = None) -> None:
         raise Error("--config.weight_decay, grad_clip_norm and warmup_epochs must be >= 0")
     if not all(0 < f < 1 for f in config.lr_boundaries):
         raise Error(f"--config.lr_boundaries must be fractions of training in (0, 1), got {config.lr_boundaries}")
-    step = str(config.eval_checkpoint_step)
-    if step not in ("latest", "best") and not step.isdigit():
-        raise Error(f"--config.eval_checkpoint_step must be 'latest', 'best' or a step number, got {step!r}")
+    for name in ("eval_checkpoint_step", "init_from_step"):
+        step = str(config[name])
+        if step not in ("latest", "best") and not step.isdigit():
+            raise Error(f"--config.{name} must be 'latest', 'best' or a step number, got {step!r}")
+    if not export_formats(config):
+        raise Error(f"--config.export_formats={config.export_formats!r} names no format; choose from {', '.join(EXPORT_FORMATS)}")
+    for name in export_formats(config):
+        _choice("export_formats", name, EXPORT_FORMATS)
+    _positive(config, "export_parity_examples")
+
+
+def export_formats(config) -> list:
+    """The formats `--config.export_formats` lists, in its order."""
+    return [name.strip() for name in config.export_formats.split(",") if name.strip()]

@@ -1,0 +1,196 @@
+"""`--mode export`: the eval-mode model, normalisation included, for other runtimes.
+
+    WORKDIR/export/model.stablehlo   jax.export, serialised: jax.export.deserialize(data).call(images)
+    WORKDIR/export/model.onnx        jax2onnx: onnxruntime.InferenceSession(path).run(None, {"images": images})
+    WORKDIR/export/saved_model/      jax2tf: tf.saved_model.load(path).signatures["serving_default"](images=images)
+    WORKDIR/export/model.json        class names, input format, normalisation, checkpoint step and accuracy
+
+Each maps uint8 RGB images, NHWC, of any batch size, to float32 logits: it is
+`input_pipeline.preprocess` followed by the model with `train=False` and the checkpoint's
+params and BatchNorm statistics baked in as constants. The graph computes in float32
+whatever `model.dtype` trained (XLA:CPU and onnxruntime run float32 convolutions best).
+Each export is reloaded through its own runtime and must match the Flax function on the
+first `export_parity_examples` test images: logits within PARITY_ATOL, the same top-1.
+
+jax2onnx, onnxruntime and TensorFlow are imported here only, when their format is
+asked for: training never imports them.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import checkpoints, input_pipeline, train, validation
+from resnet_jax.errors import Error, RunFailure
+
+PARITY_ATOL = 1e-4  # largest |logit difference| an export may show against the Flax model
+# StableHLO and SavedModel run where they are loaded, not only where they were exported: a
+# CPU-made file serves on a GPU or TPU. Lowering for all four costs nothing here (the module
+# is the same; resnet8: 88,368 bytes against 87,328 for the CPU alone).
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+FILES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx", "savedmodel": "saved_model"}
+PACKAGES = {"stablehlo": (), "onnx": ("jax2onnx", "onnxruntime"), "savedmodel": ("tensorflow",)}
+
+
+def serving_function(model, variables, mean, std):
+    """uint8 NHWC images -> float32 logits: eval's preprocessing and the model in eval mode."""
+
+    def serve(images):
+        return model.apply(variables, input_pipeline.preprocess(images, mean, std, jnp.float32), train=False)
+
+    return serve
+
+
+# ------------------------------------------------------------------ one function per format
+
+
+def export_stablehlo(serve, image_shape, path):
+    """Serialises `serve` with jax.export for a symbolic batch; returns a callable reloaded from the file."""
+    from jax import export as jax_export
+
+    batch = jax_export.symbolic_shape("batch")
+    exported = jax_export.export(jax.jit(serve), platforms=PLATFORMS)(jax.ShapeDtypeStruct(batch + image_shape, jnp.uint8))
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+    with open(path, "rb") as f:
+        reloaded = jax_export.deserialize(bytearray(f.read()))
+    return lambda images: np.asarray(reloaded.call(images))
+
+
+def export_onnx(serve, image_shape, path):
+    """Converts `serve` with jax2onnx for a dynamic batch; returns an onnxruntime session's callable."""
+    import jax2onnx
+    import onnxruntime
+
+    with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13.0 prints a DEBUG line per linen Conv.
+        proto = jax2onnx.to_onnx(
+            serve,
+            [jax.ShapeDtypeStruct(("batch",) + image_shape, jnp.uint8)],
+            model_name="resnet_jax",
+            input_names=["images"],
+            output_names=["logits"],
+        )
+    # jax2onnx 0.13.0 annotates some intermediate tensors NHWC that its Conv plugin leaves NCHW;
+    # onnxruntime then refuses a ResNet-18 ("Add: Incompatible dimensions"). The annotations are
+    # optional hints: without them onnxruntime infers every shape itself.
+    del proto.graph.value_info[:]
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(["logits"], {"images": images})[0]
+
+
+def export_savedmodel(serve, image_shape, path):
+    """Converts `serve` with jax2tf (batch polymorphic) into a SavedModel; returns its reloaded signature."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    converted = jax2tf.convert(
+        serve, polymorphic_shapes=["(batch, _, _, _)"], with_gradient=False, native_serialization_platforms=PLATFORMS
+    )
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda images: {"logits": converted(images)},
+        input_signature=[tf.TensorSpec((None,) + image_shape, tf.uint8, name="images")],
+        autograph=False,
+    )
+    shutil.rmtree(path, ignore_errors=True)
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    return lambda images: signature(images=tf.constant(images))["logits"].numpy()
+
+
+EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "savedmodel": export_savedmodel}
+
+
+# -------------------------------------------------------------------------------- the mode
+
+
+def check_packages(formats) -> None:
+    """An Error, before any work, when a format's optional packages are not installed."""
+    for name in formats:
+        missing = [p for p in PACKAGES[name] if importlib.util.find_spec(p) is None]
+        if missing:
+            raise Error(
+                f"exporting {name} needs {' and '.join(missing)}: pip install -c constraints.txt -e '.[export]' "
+                f"(or leave {name} out of --config.export_formats)"
+            )
+
+
+def parity(name, exported, reference, path) -> dict:
+    """How the export's logits compare with the Flax model's; a RunFailure past PARITY_ATOL."""
+    if exported.shape != reference.shape:
+        raise RunFailure(f"the {name} export in {path} returns logits of shape {exported.shape}, not {reference.shape}")
+    difference = float(np.max(np.abs(exported - reference)))
+    agreement = float(np.mean(exported.argmax(-1) == reference.argmax(-1)))
+    if not (difference <= PARITY_ATOL and agreement == 1.0):
+        raise RunFailure(
+            f"the {name} export in {path} does not match the Flax model on {len(reference)} test images "
+            f"(max |logit difference| {difference:.3g}, limit {PARITY_ATOL}; top-1 agreement {agreement:.2%}); do not use it"
+        )
+    return {"max_abs_logit_difference": difference, "top1_agreement": agreement}
+
+
+def export_checkpoint(config, workdir: str, dataset=None) -> dict:
+    """Writes the formats `config.export_formats` names to WORKDIR/export/, each checked
+    against the Flax model, and model.json beside them; returns model.json's contents
+    (None on the other processes of a multi-host run)."""
+    formats = validation.export_formats(config)
+    check_packages(formats)
+    dataset = dataset or input_pipeline.load_dataset(config.data)
+    setup = train.Setup(config, dataset)
+    manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
+    state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
+    step = int(state.step)
+    result = train.evaluate(setup.p_eval_step(), train.replicate(state), dataset, config)
+    if jax.process_index() != 0:  # Every process evaluates; one writes.
+        return None
+    logging.info("exporting the checkpoint at step %d (test accuracy %.4f) as %s", step, result["accuracy"], ", ".join(formats))
+
+    mean, std = input_pipeline.normalization(config.data, dataset)
+    model = setup.model.clone(dtype=jnp.float32, axis_name=None)
+    serve = serving_function(model, {"params": state.params, "batch_stats": state.batch_stats}, mean, std)
+    image_shape = tuple(dataset.test_images.shape[1:])
+    images = dataset.test_images[: config.export_parity_examples]
+    reference = np.asarray(jax.jit(serve)(images))
+
+    folder = os.path.join(workdir, "export")
+    os.makedirs(folder, exist_ok=True)
+    exports = {}
+    for name in formats:
+        path = os.path.join(folder, FILES[name])
+        run = EXPORTERS[name](serve, image_shape, path)
+        exports[name] = {"path": FILES[name], **parity(name, np.asarray(run(images)), reference, path)}
+
+    report = {
+        "model": config.model.name,
+        "class_names": list(dataset.class_names),
+        "input": {
+            "name": "images", "dtype": "uint8", "shape": [None, *image_shape], "layout": "NHWC",
+            "channels": "RGB", "range": [0, 255], "batch": "any size",
+        },
+        "output": {"name": "logits", "dtype": "float32", "shape": [None, dataset.num_classes],
+                   "meaning": "unnormalised class scores; softmax for probabilities"},
+        "normalization": {
+            "applied": "inside the model: (image - mean) / std per channel, on 0-255 pixels",
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        },
+        "checkpoint": {
+            "workdir": os.path.abspath(workdir), "step": step, "test_accuracy": result["accuracy"],
+            "test_examples": result["num_examples"], "data": config.data.name,
+        },
+        "parity": {"test_images": len(images), "atol": PARITY_ATOL},
+        "exports": exports,
+    }
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report

@@ -1,0 +1,95 @@
+"""`data.name = "folder"`: your own images, in the tfds ImageFolder layout.
+
+    DIR/train/<class>/*.png|jpg|jpeg
+    DIR/test/<class>/*.png|jpg|jpeg
+
+Every image is decoded once, with Pillow, the way `--mode predict` reads a file (EXIF
+orientation, transparency on white, the centred largest square, Lanczos to
+`data.image_size`), into the same in-memory uint8 arrays as a tfds split: everything
+after loading (batching, augmentation, normalisation, eval, predict, export) is unchanged.
+Class names are the folder names, sorted: label i is the i-th name.
+"""
+
+import os
+from typing import List, Tuple
+
+import numpy as np
+
+from resnet_jax.errors import Error
+
+SPLITS = ("train", "test")
+EXTENSIONS = (".png", ".jpg", ".jpeg")  # what tfds's ImageFolder reads, too
+
+
+def _class_folders(root: str, split: str) -> List[str]:
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise Error(f"image folder {root} has no {split}/ folder; it needs {split}/<class>/<image files> (PNG or JPEG)")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+    if not classes:
+        raise Error(f"image folder {folder} holds no class folders; put each class's images in {folder}/<class>/")
+    return classes
+
+
+def _image_files(folder: str) -> List[str]:
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(EXTENSIONS) and not n.startswith("."))
+    if not names:
+        raise Error(f"class folder {folder} holds no images (.png, .jpg or .jpeg); add some or remove the folder")
+    return [os.path.join(folder, n) for n in names]
+
+
+def _decode(path: str, size: int) -> np.ndarray:
+    from resnet_jax import predict  # predict imports the input pipeline, which imports this module lazily.
+
+    try:
+        return predict.load_image(path, size)
+    except Error as e:
+        raise Error(f"cannot use image {path}: {e}; fix or remove the file") from None
+
+
+def read_split(root: str, split: str, names, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (N, size, size, 3), int32 labels) of `root/split`, in class then file order."""
+    paths, labels = [], []
+    for label, name in enumerate(names):
+        files = _image_files(os.path.join(root, split, name))
+        paths += files
+        labels += [label] * len(files)
+    # One thread: ~5,000 CIFAR-sized JPEGs or ~200 640x480 photos a second on this 2-core
+    # machine; two threads were no faster.
+    return np.stack([_decode(p, size) for p in paths]), np.asarray(labels, np.int32)
+
+
+def class_names(root: str) -> Tuple[str, ...]:
+    """The class folder names of `root`, sorted; the same in both splits or an Error."""
+    if not os.path.isdir(root):
+        raise Error(f"--config.data.folder={root!r} is not a folder; it needs train/<class>/ and test/<class>/ images")
+    classes = {split: _class_folders(root, split) for split in SPLITS}
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        raise Error(
+            f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ "
+            f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'}); "
+            f"both splits need the same classes"
+        )
+    return tuple(classes["train"])
+
+
+def load(data_config):
+    """Both splits of the folder `data_config.folder` as an input_pipeline.Dataset."""
+    from resnet_jax import input_pipeline
+
+    names = class_names(data_config.folder)
+    train_images, train_labels = read_split(data_config.folder, "train", names, data_config.image_size)
+    test_images, test_labels = read_split(data_config.folder, "test", names, data_config.image_size)
+    mean, std = input_pipeline.channel_stats(train_images)
+    return input_pipeline.Dataset(
+        name="folder",
+        class_names=names,
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        mean=mean,
+        std=std,
+    )

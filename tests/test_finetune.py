@@ -1,0 +1,214 @@
+"""init_from: fine-tuning from another run's checkpoint or torchvision-style PyTorch weights."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from conftest import run_cli
+from configs import smoke
+from resnet_jax import convert, finetune, input_pipeline, train, workdir as workdir_lib
+from resnet_jax.errors import Error
+from test_image_folder import make_folder
+
+# The same short recipe for the fine-tuned and the from-scratch run on the image folder.
+RECIPE = ("--config.num_train_steps=20", "--config.learning_rate=0.02", "--config.schedule=constant",
+          "--config.warmup_epochs=0", "--config.eval_every_epochs=100", "--config.log_every_steps=10")
+
+
+def fake_dataset(num_classes: int, size: int = 32) -> input_pipeline.Dataset:
+    """Shapes and class names only: enough for train.Setup."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    labels = np.arange(64, dtype=np.int32) % num_classes
+    return input_pipeline.Dataset("fake", tuple(f"c{i}" for i in range(num_classes)), images, labels, images, labels,
+                                  np.full(3, 127.0, np.float32), np.full(3, 64.0, np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def smoke_setup(num_classes: int) -> train.Setup:
+    """The smoke config's Setup (each costs an init compile of seconds: shared)."""
+    config = smoke.get_config()
+    return train.Setup(config, fake_dataset(num_classes))
+
+
+def random_variables(setup: train.Setup, seed: int) -> dict:
+    """Random variables shaped as the setup model's (none equal to its initial ones)."""
+    rng = np.random.default_rng(seed)
+    state = setup.initial_state
+    return jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32),
+                        {"params": state.params, "batch_stats": state.batch_stats})
+
+
+def torchvision_state_dict(variables: dict, stage_sizes, block: str = "basic") -> dict:
+    """`variables` under torchvision's ResNet names and layouts: the inverse of convert.torch_to_flax."""
+    params = variables["params"]
+    has_projection = lambda prefix: "proj_conv" in params.get(  # noqa: E731
+        "stage{}_block{}".format(int(prefix[5]), int(prefix.split(".")[1]) + 1), {})
+    state_dict = {}
+    for key, collection, path, _ in convert.key_map(stage_sizes, block, has_projection):
+        value = np.asarray(traverse_util.flatten_dict(variables[collection])[path])
+        if key == "fc.weight":
+            value = value.T
+        elif path[-1] == "kernel":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        state_dict[key] = np.ascontiguousarray(value)
+        if key.endswith("running_var"):
+            state_dict[key.replace("running_var", "num_batches_tracked")] = np.array(7, np.int64)
+    return state_dict
+
+
+def flat(tree) -> dict:
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+def assert_trees_equal(a, b, skip=()):
+    a, b = flat(a), flat(b)
+    assert set(a) == set(b)
+    for key in a:
+        if key[: len(skip)] != tuple(skip) or not skip:
+            np.testing.assert_array_equal(a[key], b[key], err_msg="/".join(key))
+
+
+def fine_tune_state(setup, init_from):
+    config = setup.config.copy_and_resolve_references()
+    config.init_from = str(init_from)
+    return finetune.initial_state(config, setup)
+
+
+@pytest.mark.parametrize("num_classes", [10, 2])
+def test_torchvision_weights_load_from_safetensors(tmp_path, num_classes):
+    source = random_variables(smoke_setup(10), seed=1)
+    path = tmp_path / "weights.safetensors"
+    save_file(torchvision_state_dict(source, (1, 1, 1)), str(path))
+    setup = smoke_setup(num_classes)
+    state = fine_tune_state(setup, path)
+    assert_trees_equal(state.batch_stats, source["batch_stats"])
+    if num_classes == 10:  # Same classes: everything is loaded, the head too.
+        assert_trees_equal(state.params, source["params"])
+    else:  # A new head, initialised as a fresh run's; the rest loaded.
+        assert_trees_equal(state.params, source["params"], skip=("head",))
+        assert_trees_equal(state.params["head"], setup.initial_state.params["head"])
+    assert int(state.step) == 0
+    for new, fresh in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(setup.initial_state.opt_state)):
+        np.testing.assert_array_equal(new, fresh)  # the optimizer starts fresh
+
+
+def test_torch_load_reads_weights_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    source = random_variables(smoke_setup(10), seed=2)
+    state_dict = torchvision_state_dict(source, (1, 1, 1))
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / "weights.pt")
+    state = fine_tune_state(smoke_setup(10), tmp_path / "weights.pt")
+    assert_trees_equal(state.params, source["params"])
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # Unpickling it would create `marker`.
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"conv1.weight": torch.zeros(1), "extra": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Error, match=r"cannot read .*evil\.pt as a state_dict of tensors with torch\.load\(weights_only=True\)"):
+        fine_tune_state(smoke_setup(10), tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tmp_path):
+    state_dict = torchvision_state_dict(random_variables(smoke_setup(10), seed=3), (1, 1, 1))
+    wide = dict(state_dict, **{"conv1.weight": np.ones((16, 3, 3, 3), np.float32)})  # a stem of 16 filters
+    wide.update({f"bn1.{field}": np.ones(16, np.float32) for field in ("weight", "bias", "running_mean", "running_var")})
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(Error) as raised:
+        fine_tune_state(smoke_setup(10), tmp_path / "wide.safetensors")
+    assert str(raised.value) == (
+        f"--config.init_from={tmp_path / 'wide.safetensors'} does not fit resnet8, num_filters=8: "
+        "params/bn_init/bias has shape (16,) there, (8,) here; "
+        "fine-tuning needs the same architecture (only the number of classes may differ)"
+    )
+    del state_dict["layer2.0.conv1.weight"]
+    save_file(state_dict, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(Error, match=r"does not fit resnet8, num_filters=8: layer2\.0\.conv1\.weight is missing there"):
+        fine_tune_state(smoke_setup(10), tmp_path / "partial.safetensors")
+
+
+# These runs test fine-tuning, not the pmapped paths (other tests run those on 8 devices):
+# one device spares them the per-device overhead on a 2-core CPU.
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def run_smoke(workdir, *args):
+    result = run_cli("--config", "configs/smoke.py", "--workdir", str(workdir), *args, env=ONE_DEVICE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def pretrained(small_data_dir, tmp_path_factory):
+    """A resnet8 trained on 2,000 CIFAR-10 images (the smoke recipe: 248 steps, 38% test accuracy)."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    run_smoke(workdir, f"--config.data.data_dir={small_data_dir}", "--config.eval_every_epochs=100")
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def planes_and_cars(tmp_path_factory):
+    """A 2-class image folder of real CIFAR-10 test images: 300 train and 100 test per class."""
+    return make_folder(tmp_path_factory.mktemp("folder"), ["airplane", "automobile"], train=300, test=100)
+
+
+def last_test_accuracy(workdir) -> float:
+    return [r for r in workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "test"][-1]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(pretrained, planes_and_cars, tmp_path_factory):
+    """The workdir of the fine-tune run on the folder, and both runs' test accuracies."""
+    folder = ("--config.data.name=folder", f"--config.data.folder={planes_and_cars}", *RECIPE)
+    scratch = str(tmp_path_factory.mktemp("scratch"))
+    run_smoke(scratch, *folder)
+    workdir = str(tmp_path_factory.mktemp("fine_tuned"))
+    result = run_smoke(workdir, *folder, f"--config.init_from={pretrained}")
+    assert (f"fine-tuning from the checkpoint at step 248 of {pretrained}: loaded 35 tensors; "
+            "the head is new (2 classes)") in result.stderr
+    return workdir, {"fine_tuned": last_test_accuracy(workdir), "scratch": last_test_accuracy(scratch)}
+
+
+def test_fine_tuning_beats_training_from_scratch(fine_tuned):
+    _, accuracies = fine_tuned
+    # Measured with seeds 0, 1, 2 (this test runs seed 0): fine-tuned 0.815, 0.820, 0.810; from
+    # scratch 0.745, 0.725, 0.745. The smallest gap, 0.065, is well above the 0.04 asked. From a
+    # model pretrained half as long (124 steps) the gap fell to 0.04 at seed 2: hence 248 steps.
+    assert accuracies["fine_tuned"] >= accuracies["scratch"] + 0.04, accuracies
+
+
+def test_folder_class_names_reach_predict_and_export(fine_tuned, planes_and_cars):
+    workdir, _ = fine_tuned
+    folder = ("--config.data.name=folder", f"--config.data.folder={planes_and_cars}")
+    image = os.path.join(planes_and_cars, "test", "automobile", "0000.jpg")
+    result = run_smoke(workdir, *folder, "--mode", "predict", "--json", image)
+    assert {t["class"] for t in json.loads(result.stdout.strip().splitlines()[-1])["top3"]} == {"airplane", "automobile"}
+    run_smoke(workdir, *folder, "--mode", "export", "--config.export_formats=stablehlo")
+    with open(os.path.join(workdir, "export", "model.json")) as f:
+        report = json.load(f)
+    assert report["class_names"] == ["airplane", "automobile"] and list(report["exports"]) == ["stablehlo"]
+    assert report["checkpoint"]["step"] == 20 and report["input"]["shape"] == [None, 32, 32, 3]
+
+
+def test_a_resumed_fine_tune_does_not_import_the_weights_again(fine_tuned, planes_and_cars, tmp_path):
+    """Runs last in this file: it extends the fine-tune run. A resume that imported the
+    weights again would fail on an init_from that no longer exists."""
+    workdir, _ = fine_tuned
+    gone = str(tmp_path / "moved_away")
+    result = run_smoke(workdir, "--config.data.name=folder", f"--config.data.folder={planes_and_cars}",
+                       *RECIPE, "--config.num_train_steps=22", f"--config.init_from={gone}")
+    assert "resumed from the checkpoint at step 20" in result.stderr and "fine-tuning" not in result.stderr
+    assert last_test_accuracy(workdir) > 0 and max(r["step"] for r in workdir_lib.read_metrics(
+        os.path.join(workdir, "metrics.jsonl"))) == 22
+    with pytest.raises(Error, match="does not exist; give a run's workdir or a state_dict file"):
+        fine_tune_state(smoke_setup(10), gone)  # what a new run would say
