@@ -84,6 +84,7 @@ RUNTIMES = {"stablehlo": ("model.stablehlo", run_stablehlo), "onnx": ("model.onn
             "savedmodel": ("saved_model", run_savedmodel)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNTIMES))
 def test_each_export_reloads_and_matches_the_flax_model(exported, dataset, flax_logits, name):
     filename, run = RUNTIMES[name]
@@ -96,6 +97,7 @@ def test_each_export_reloads_and_matches_the_flax_model(exported, dataset, flax_
     assert np.abs(flax_logits).max() > 0.1  # the comparison is not between near-zero logits
 
 
+@pytest.mark.slow
 def test_the_json_beside_the_model_describes_it(exported, dataset, flax_logits):
     workdir, stdout = exported
     with open(os.path.join(workdir, "export", "model.json")) as f:
@@ -145,6 +147,7 @@ def test_the_export_module_imports_no_converter_until_asked():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem,stage_sizes,num_filters", [("imagenet", (1, 1, 1), 8), ("cifar", (2, 1), 16)])
 def test_onnx_converts_what_the_smoke_model_lacks(tmp_path, stem, stage_sizes, num_filters):
     """The ImageNet stem's padded max-pool, projection shortcuts, and two blocks in a stage: each
