@@ -1,6 +1,7 @@
 """`--mode eval`: restore a checkpoint with orbax and evaluate the whole test split."""
 
 import json
+import logging
 import os
 
 import jax
@@ -8,13 +9,22 @@ import jax
 from resnet_jax import checkpoints, input_pipeline, plots, train
 
 
-def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
-    """Evaluates the checkpoint `config.eval_checkpoint_step` names; writes eval_<step>.json
-    and confusion_<step>.png to `workdir` and returns the report."""
+def restore(config, workdir: str, dataset=None):
+    """(dataset, setup, state): the checkpoint `config.eval_checkpoint_step` names in `workdir`,
+    on the host, with the data set and model it was trained with. What eval, predict and
+    export start from."""
     dataset = dataset or input_pipeline.load_dataset(config.data)
     setup = train.Setup(config, dataset)
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
     state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
+    logging.info("restored the checkpoint at step %d in %s", int(state.step), manager.directory)
+    return dataset, setup, state
+
+
+def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
+    """Evaluates the checkpoint `config.eval_checkpoint_step` names; writes eval_<step>.json
+    and confusion_<step>.png to `workdir` and returns the report."""
+    dataset, setup, state = restore(config, workdir, dataset)
     step = int(state.step)
     result = train.evaluate(setup.p_eval_step(), train.replicate(state), dataset, config)
     confusion = result["confusion"]

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import checkpoints, input_pipeline, train, validation
+from resnet_jax import evaluate, input_pipeline, train, validation
 from resnet_jax.errors import Error, RunFailure
 
 PARITY_ATOL = 1e-4  # largest |logit difference| an export may show against the Flax model
@@ -146,10 +146,7 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     (None on the other processes of a multi-host run)."""
     formats = validation.export_formats(config)
     check_packages(formats)
-    dataset = dataset or input_pipeline.load_dataset(config.data)
-    setup = train.Setup(config, dataset)
-    manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-    state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
+    dataset, setup, state = evaluate.restore(config, workdir, dataset)
     step = int(state.step)
     result = train.evaluate(setup.p_eval_step(), train.replicate(state), dataset, config)
     if jax.process_index() != 0:  # Every process evaluates; one writes.

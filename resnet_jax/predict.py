@@ -22,7 +22,6 @@ the other files are still answered.
 
 import functools
 import json
-import logging
 import sys
 import warnings
 
@@ -30,7 +29,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from resnet_jax import checkpoints, input_pipeline, train
+from resnet_jax import evaluate
 from resnet_jax.errors import Error
 
 IMAGE_SIZE = 32
@@ -114,11 +113,7 @@ def classify(apply, state, images: dict, batch_size: int) -> dict:
 
 def predict_files(config, workdir: str, paths, as_json: bool = False, dataset=None) -> int:
     """Prints the top-3 classes of each image file (or why it failed); returns how many failed."""
-    dataset = dataset or input_pipeline.load_dataset(config.data)
-    setup = train.Setup(config, dataset)
-    manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-    state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
-    logging.info("predicting with the checkpoint at step %d in %s", int(state.step), manager.directory)
+    dataset, setup, state = evaluate.restore(config, workdir, dataset)
 
     images, errors = {}, {}
     size = dataset.train_images.shape[1]  # 32, or a folder data set's data.image_size
