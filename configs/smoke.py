@@ -1,6 +1,7 @@
 """A tiny network for a few hundred steps: first contact and end-to-end tests (well under
 a minute on two CPU cores). Point data.data_dir at a small data set, for example one made by
-`python ../shared/tools/cifar10_tfds.py DIR --train 2000 --test 500`."""
+`python -m resnet_jax.tfds_writer DIR --archive cifar10_jpeg.tar.xz --train 2000 --test 500`
+(or `--synthetic` instead of `--archive ...` for learnable stand-in images)."""
 
 from configs import default
 
