@@ -143,13 +143,12 @@ def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, la
     """
     key = None if aug_key is None else jax.random.fold_in(aug_key, state.step)
     images = preprocess_fn(batch["image"], key=key, positions=batch["position"])
-    num_classes = state.params["head"]["bias"].shape[-1]
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
         )
-        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+        loss = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing).mean()
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
