@@ -32,6 +32,10 @@ flags.DEFINE_enum(
     "SavedModel in WORKDIR/export/) or summary (the model's table).",
 )
 flags.DEFINE_bool("json", False, "--mode predict: one JSON line per image.")
+flags.DEFINE_string(
+    "seeds", None, "--mode train or eval once per seed, in WORKDIR/seed_<seed>, then the mean and standard deviation "
+    "of the final accuracies in WORKDIR/seeds*.json and .md: a count (3: seeds 0, 1, 2) or a list (0,5,7).",
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -105,7 +109,7 @@ def run(argv) -> None:
     initialize_distributed()
     import jax
 
-    from resnet_jax import accelerators, evaluate, train, validation, workdir as workdir_lib
+    from resnet_jax import accelerators, evaluate, validation
 
     config = FLAGS.config
     validation.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
@@ -113,6 +117,9 @@ def run(argv) -> None:
     config_path = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
 
+    if FLAGS.seeds is not None:
+        run_seeds(config, workdir, config_path)
+        return
     if FLAGS.mode == "summary":
         from resnet_jax import summary
 
@@ -127,10 +134,11 @@ def run(argv) -> None:
         sys.exit(1 if failures else 0)
     if FLAGS.mode == "eval":
         report = evaluate.evaluate_checkpoint(config, workdir)
-        print(
-            f"eval: step {report['step']}: accuracy {report['accuracy']:.4f}, loss {report['loss']:.4f} "
-            f"on {report['num_examples']} test examples; wrote {workdir}/eval_{report['step']}.json"
-        )
+        for split, result in (("validation", report.get("validation")), ("test", report)):
+            if result:
+                print(f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+                      f"on {result['num_examples']} examples (tta {report['tta']}{', weight average' if report['ema'] else ''})")
+        print(f"eval: wrote {workdir}/eval_{report['step']}.json")
         return
 
     if FLAGS.mode == "export":
@@ -150,6 +158,15 @@ def run(argv) -> None:
             )
         return
 
+    train_workdir(config, workdir, config_path)
+
+
+def train_workdir(config, workdir: str, config_path: str) -> bool:
+    """Trains in `workdir` under its lock; whether training reached its last step."""
+    import jax
+
+    from resnet_jax import train, workdir as workdir_lib
+
     workdir_lib.prepare(workdir)
     main_process = jax.process_index() == 0
     lock = workdir_lib.Lock(workdir) if main_process else None
@@ -158,10 +175,41 @@ def run(argv) -> None:
     try:
         if main_process:
             workdir_lib.check_and_save_config(workdir, config)
-        train.train_and_evaluate(config, workdir, config_path=config_path)
+        return train.train_and_evaluate(config, workdir, config_path=config_path)
     finally:
         if lock:
             lock.release()
+
+
+def run_seeds(config, workdir: str, config_path: str) -> None:
+    """--seeds: trains or evaluates WORKDIR/seed_<seed> for each seed, then summarises them."""
+    import jax
+
+    from resnet_jax import evaluate, seeds
+
+    if FLAGS.mode not in ("train", "eval"):
+        raise Error(f"--seeds works with --mode train or eval, not --mode {FLAGS.mode}")
+    per_seed = {}
+    for seed in seeds.parse(FLAGS.seeds):
+        seed_config = config.copy_and_resolve_references()
+        seed_config.seed = seed
+        directory = seeds.seed_workdir(workdir, seed)
+        if FLAGS.mode == "eval":
+            report = evaluate.evaluate_checkpoint(seed_config, directory)
+            per_seed[seed] = {"step": report["step"], "test": report["accuracy"]}
+            if "validation" in report:
+                per_seed[seed]["validation"] = report["validation"]["accuracy"]
+        elif train_workdir(seed_config, directory, config_path):
+            per_seed[seed] = seeds.final_accuracy(directory)
+        else:  # Stopped by a signal: the same command resumes it.
+            return
+    if jax.process_index() == 0:
+        name = "seeds" if FLAGS.mode == "train" else f"seeds_eval_{config.eval_tta}"
+        what = "final evaluation" if FLAGS.mode == "train" else f"--mode eval of checkpoint {config.eval_checkpoint_step}"
+        weights = ", weight average" if config.ema_decay > 0 else ""
+        title = f"{os.path.basename(config_path)} over {len(per_seed)} seeds: {what} (tta {config.eval_tta}{weights})"
+        print(seeds.write(workdir, name, seeds.summarize(per_seed), title), end="")
+        print(f"wrote {os.path.join(workdir, name)}.json and .md")
 
 
 if __name__ == "__main__":

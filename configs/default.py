@@ -24,6 +24,7 @@ def get_config():
     config.data.folder = config_dict.placeholder(str)  # data.name="folder": DIR holding train/<class>/* and test/<class>/* (PNG, JPEG)
     config.data.image_size = 32  # data.name="folder": images are centre-cropped square and resized to this side
     config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.validation_examples = 0  # train examples held out (class-balanced, fixed) to select the best checkpoint on; 0: none
     config.data.download = True  # download and prepare the data set if data_dir lacks it
     config.data.augment = True  # random crop + horizontal flip on the device
     config.data.crop_padding = 4  # pixels of padding around the image before the random 32x32 crop
@@ -47,12 +48,14 @@ def get_config():
     config.weight_decay = 5e-4  # L2 decay on conv and dense kernels only (not BN, not biases)
     config.label_smoothing = 0.0  # label smoothing of the cross-entropy targets
     config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: off
+    config.ema_decay = 0.0  # decay of the exponential moving average of params and BN statistics used to evaluate; 0: off
+    config.eval_tta = "none"  # test-time augmentation in evaluation: "none", "flip" or "flip_translate"
 
     config.seed = 0  # seeds initialisation, data order and augmentation
     config.log_every_steps = 50  # steps between train metric records
     config.eval_every_epochs = 1.0  # epochs between evaluations (and one at the end)
     config.checkpoint_every_steps = 1000  # steps between checkpoints (also saved at each evaluation and the end)
-    config.keep_checkpoints = 3  # most recent checkpoints kept (plus the best by test accuracy)
+    config.keep_checkpoints = 3  # most recent checkpoints kept (plus the best by validation accuracy)
     config.eval_checkpoint_step = "latest"  # --mode eval/predict: "latest", "best" or a step number
     config.allow_config_change = False  # resume even if architecture, data set or batch size changed
 

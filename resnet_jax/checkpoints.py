@@ -25,24 +25,28 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-    """Keeps the `keep` most recent checkpoints plus the best by test accuracy; saves asynchronously."""
+    """Keeps the `keep` most recent checkpoints plus the best by validation accuracy (only
+    checkpoints saved with metrics, which runs with a validation split give); saves asynchronously."""
     policy = checkpoint_managers.AnyPreservationPolicy(
         [
             checkpoint_managers.LatestN(n=keep),
-            checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False
-            ),
+            checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
         ]
     )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
-        best_fn=lambda m: m["accuracy"],
+        best_fn=_best_metric,
         best_mode="max",
         enable_async_checkpointing=not read_only,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def _best_metric(metrics: dict) -> float:
+    # Runs from before the validation split saved the test accuracy as "accuracy": never selected on.
+    return metrics.get("validation_accuracy", float("-inf"))
 
 
 def save(manager: ocp.CheckpointManager, state, metrics: Optional[dict] = None) -> None:
@@ -144,6 +148,12 @@ def select_step(manager: ocp.CheckpointManager, which: str) -> int:
         return steps[-1]
     if which == "best":
         step = manager.best_step()
+        if step is None or _best_metric(manager.metrics(step) or {}) == float("-inf"):
+            raise Error(
+                f"no 'best' checkpoint in {manager.directory}: that run had no validation split, and the test split "
+                f"never selects a checkpoint (its accuracy would then be optimistic). Use 'latest' or a step number, "
+                f"or train with --config.data.validation_examples=5000"
+            )
     else:
         try:
             step = int(which)
@@ -171,7 +181,8 @@ def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
 
 def restore_variables(workdir: str, which: str):
     """(step, {"params", "batch_stats"} as numpy) of the checkpoint `which` names in another
-    run's `workdir`, read without a template: its architecture may differ from ours."""
+    run's `workdir`, read without a template: its architecture may differ from ours. The
+    weights are its moving average when it kept one, as its evaluation used."""
     manager = create_manager(workdir, 1, read_only=True)
     step = which
     try:
@@ -184,6 +195,8 @@ def restore_variables(workdir: str, which: str):
         raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable ({_short(e)})") from None
     finally:
         manager.close()
+    if restored.get("ema"):
+        return step, {"params": restored["ema"]["params"], "batch_stats": restored["ema"]["batch_stats"]}
     return step, {"params": restored["params"], "batch_stats": restored["batch_stats"]}
 
 

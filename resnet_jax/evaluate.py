@@ -1,4 +1,4 @@
-"""`--mode eval`: restore a checkpoint with orbax and evaluate the whole test split."""
+"""`--mode eval`: restore a checkpoint with orbax and evaluate the whole test (and validation) split."""
 
 import json
 import logging
@@ -6,13 +6,14 @@ import os
 
 import jax
 
-from resnet_jax import checkpoints, input_pipeline, plots, train
+from resnet_jax import checkpoints, input_pipeline, plots, train, workdir as workdir_lib
 
 
 def restore(config, workdir: str, dataset=None):
     """(dataset, setup, state): the checkpoint `config.eval_checkpoint_step` names in `workdir`,
     on the host, with the data set and model it was trained with. What eval, predict and
     export start from."""
+    workdir_lib.check_config(workdir, config)
     dataset = dataset or input_pipeline.load_dataset(config.data)
     setup = train.Setup(config, dataset)
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
@@ -22,22 +23,34 @@ def restore(config, workdir: str, dataset=None):
 
 
 def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
-    """Evaluates the checkpoint `config.eval_checkpoint_step` names; writes eval_<step>.json
-    and confusion_<step>.png to `workdir` and returns the report."""
+    """Evaluates the checkpoint `config.eval_checkpoint_step` names on the test split (and the
+    validation split, when the run holds one out), with test-time augmentation
+    `config.eval_tta`; writes eval_<step>.json and confusion_<step>.png to `workdir` and
+    returns the report: the test figures at its top level, the validation ones under "validation"."""
     dataset, setup, state = restore(config, workdir, dataset)
     step = int(state.step)
-    result = train.evaluate(setup.p_eval_step(), train.replicate(state), dataset, config)
+    p_eval_step, replicated = setup.p_eval_step(), train.replicate(state)
+    results = {
+        split: train.evaluate(p_eval_step, replicated, images, labels, config)
+        for split, images, labels in dataset.eval_splits()
+    }
+    result = results["test"]
     confusion = result["confusion"]
     per_class = confusion.diagonal() / confusion.sum(1).clip(min=1)
     report = {
         "step": step,
+        "split": "test",
         "num_examples": result["num_examples"],
         "loss": result["loss"],
         "accuracy": result["accuracy"],
+        "tta": config.eval_tta,
+        "ema": state.ema is not None,
         "per_class_accuracy": {name: float(a) for name, a in zip(dataset.class_names, per_class)},
         "class_names": list(dataset.class_names),
         "confusion_matrix": confusion.tolist(),
     }
+    if "validation" in results:
+        report["validation"] = {k: results["validation"][k] for k in ("num_examples", "loss", "accuracy")}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
             json.dump(report, f, indent=2)

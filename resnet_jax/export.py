@@ -148,14 +148,15 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     check_packages(formats)
     dataset, setup, state = evaluate.restore(config, workdir, dataset)
     step = int(state.step)
-    result = train.evaluate(setup.p_eval_step(), train.replicate(state), dataset, config)
+    # The exported function is one plain forward pass: its accuracy is measured without test-time augmentation.
+    result = train.evaluate(setup.p_eval_step(tta="none"), train.replicate(state), dataset.test_images, dataset.test_labels, config)
     if jax.process_index() != 0:  # Every process evaluates; one writes.
         return None
     logging.info("exporting the checkpoint at step %d (test accuracy %.4f) as %s", step, result["accuracy"], ", ".join(formats))
 
     mean, std = input_pipeline.normalization(config.data, dataset)
     model = setup.model.clone(dtype=jnp.float32, axis_name=None)
-    serve = serving_function(model, {"params": state.params, "batch_stats": state.batch_stats}, mean, std)
+    serve = serving_function(model, train.eval_variables(state), mean, std)
     image_shape = tuple(dataset.test_images.shape[1:])
     images = dataset.test_images[: config.export_parity_examples]
     reference = np.asarray(jax.jit(serve)(images))

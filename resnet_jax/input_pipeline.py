@@ -22,6 +22,11 @@ import numpy as np
 from resnet_jax.errors import Error
 
 _READ_CHUNK = 5000  # records decoded per call when reading an array_record split
+_VALIDATION_SEED = 20161  # fixes which train examples are held out for validation, whatever config.seed
+
+DATASETS = ("cifar10", "cifar100", "folder")
+PADDING_MODES = {"reflect": "reflect", "zero": "constant"}  # data.padding_mode -> jnp.pad mode
+NORMALIZATIONS = ("dataset", "half")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,19 +41,73 @@ class Dataset:
     test_labels: np.ndarray
     mean: np.ndarray  # per-channel mean of the train split, in [0, 255]
     std: np.ndarray  # per-channel standard deviation of the train split
+    validation_images: Optional[np.ndarray] = None  # held out of train (data.validation_examples); None: none
+    validation_labels: Optional[np.ndarray] = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def eval_splits(self):
+        """(name, images, labels) of every split evaluation reports: validation (if held out), then test."""
+        if self.validation_images is not None:
+            yield "validation", self.validation_images, self.validation_labels
+        yield "test", self.test_images, self.test_labels
+
+
+def validation_indices(labels: np.ndarray, num_examples: int, num_classes: int) -> np.ndarray:
+    """The `num_examples` train indices held out for validation, sorted: class-balanced (the
+    first `num_examples % num_classes` classes get one more) and the same on every run and
+    device layout: each class's first ones in a permutation drawn from a fixed seed."""
+    order = np.random.default_rng(_VALIDATION_SEED).permutation(len(labels))
+    chosen = []
+    for c in range(num_classes):
+        wanted = num_examples // num_classes + (c < num_examples % num_classes)
+        members = order[labels[order] == c][:wanted]
+        if len(members) < wanted:
+            raise Error(
+                f"--config.data.validation_examples={num_examples} asks for {wanted} examples of class {c}, "
+                f"but the train split has {len(members)}; hold out fewer"
+            )
+        chosen.append(members)
+    return np.sort(np.concatenate(chosen))
+
+
+def hold_out_validation(dataset: Dataset, num_examples: int) -> Dataset:
+    """`dataset` with `num_examples` of its train examples moved to a validation split (and the
+    normalisation statistics computed from what remains for training)."""
+    if not num_examples:
+        return dataset
+    held = validation_indices(dataset.train_labels, num_examples, dataset.num_classes)
+    keep = np.ones(len(dataset.train_labels), bool)
+    keep[held] = False
+    train_images = dataset.train_images[keep]
+    mean, std = channel_stats(train_images)
+    return dataclasses.replace(
+        dataset,
+        train_images=train_images,
+        train_labels=dataset.train_labels[keep],
+        validation_images=dataset.train_images[held],
+        validation_labels=dataset.train_labels[held],
+        mean=mean,
+        std=std,
+    )
+
 
 def load_dataset(data_config) -> Dataset:
     """Loads `data_config.name` from tfds, preparing it first if needed (and allowed), or
-    the image folder `data_config.folder` when the name is "folder"."""
+    the image folder `data_config.folder` when the name is "folder"; then holds out
+    `data_config.validation_examples` of the train split for validation."""
     if data_config.name == "folder":
         from resnet_jax import image_folder
 
-        return image_folder.load(data_config)
+        dataset = image_folder.load(data_config)
+    else:
+        dataset = _load_tfds(data_config)
+    return hold_out_validation(dataset, data_config.validation_examples)
+
+
+def _load_tfds(data_config) -> Dataset:
     import tensorflow_datasets as tfds  # Imported here: it is slow and only needed here.
 
     try:
@@ -256,7 +315,7 @@ def augment(
     images and a float mask that is 0 where Cutout erases (apply it after normalising).
     """
     _, height, width, _ = images.shape
-    mode = {"reflect": "reflect", "zero": "constant"}[padding_mode]
+    mode = PADDING_MODES[padding_mode]
     pad = crop_padding
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
 

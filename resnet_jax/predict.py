@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from resnet_jax import evaluate
+from resnet_jax import evaluate, train
 from resnet_jax.errors import Error
 
 IMAGE_SIZE = 32
@@ -82,12 +82,10 @@ def load_image(path: str, size: int = IMAGE_SIZE) -> np.ndarray:
         raise Error(f"cannot read the image: {message.splitlines()[0]}") from None
 
 
-def predict_step(state, images, *, preprocess_fn):
+def predict_step(state, images, *, preprocess_fn, tta="none"):
     """Class probabilities of uint8 images, preprocessed and applied as in eval_step."""
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, preprocess_fn(images), train=False
-    )
-    return jax.nn.softmax(logits)
+    apply = functools.partial(state.apply_fn, train.eval_variables(state), train=False)
+    return jax.nn.softmax(train.tta_logits(apply, preprocess_fn(images), tta))
 
 
 def top3(probabilities: np.ndarray, class_names) -> list:
@@ -122,7 +120,7 @@ def predict_files(config, workdir: str, paths, as_json: bool = False, dataset=No
             images[i] = load_image(path, size)
         except Error as e:
             errors[i] = str(e)
-    apply = jax.jit(functools.partial(predict_step, preprocess_fn=setup.preprocess_fn))
+    apply = jax.jit(functools.partial(predict_step, preprocess_fn=setup.preprocess_fn, tta=config.eval_tta))
     probabilities = classify(apply, state, images, config.eval_batch_size)
 
     for i, path in enumerate(paths):

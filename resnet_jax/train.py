@@ -29,15 +29,19 @@ from resnet_jax import checkpoints, finetune, input_pipeline, models, plots, wor
 from resnet_jax.errors import RunFailure
 
 AXIS = "batch"
+SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
+TTA_MODES = ("none", "flip", "flip_translate")
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimizer state and step, plus the explicit BatchNorm statistics and the sums
+    """Params, optimizer state and step, plus the explicit BatchNorm statistics, the sums
     of the train metrics since the last record (so a resumed run logs exactly what an
-    uninterrupted one would)."""
+    uninterrupted one would) and, when `ema_decay` > 0, the moving average of params and
+    BatchNorm statistics that evaluation uses."""
 
     batch_stats: Any
     train_metrics: Any
+    ema: Any = None  # {"params", "batch_stats"} averaged over steps; None: ema_decay is 0
 
 
 def empty_train_metrics():
@@ -124,7 +128,14 @@ def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32
         tx=create_optimizer(config, learning_rate_fn),
         batch_stats=variables["batch_stats"],
         train_metrics=empty_train_metrics(),
+        # Host copies: the average must not share buffers with the params the step donates.
+        ema=jax.tree_util.tree_map(np.array, dict(variables)) if config.ema_decay > 0 else None,
     )
+
+
+def eval_variables(state: TrainState) -> dict:
+    """The variables evaluation, predict and export apply: the moving average when there is one."""
+    return state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
 
 
 # -------------------------------------------------------------------------------- steps
@@ -136,7 +147,7 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, label_smoothing):
+def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, label_smoothing, ema_decay=0.0):
     """One SGD step on this device's part of the global batch; gradients are averaged over AXIS.
 
     Augmentation draws from `aug_key` folded with the step (none when `aug_key` is None).
@@ -165,14 +176,36 @@ def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, la
         "count": sums["count"] + 1,
         "first_nonfinite_step": first_bad.astype(jnp.int32),
     }
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats, train_metrics=train_metrics)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats, train_metrics=train_metrics)
+    if state.ema is None:
+        return new_state
+    # TF's ExponentialMovingAverage with num_updates: the decay ramps up as (1 + t) / (10 + t),
+    # so the random initialisation is forgotten in short runs too.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    current = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+    return new_state.replace(ema=optax.incremental_update(current, state.ema, 1.0 - decay))
 
 
-def eval_step(state: TrainState, batch, *, preprocess_fn: Callable):
+def tta_logits(apply_fn: Callable, images, tta: str = "none"):
+    """Logits of normalised images, averaged over test-time views. "flip" averages each image
+    and its mirror; "flip_translate" is airbench's scheme: half that, and half the same over
+    the image shifted one pixel up-left and one down-right (reflect padding)."""
+    def mirrored(x):
+        return apply_fn(x) if tta == "none" else 0.5 * (apply_fn(x) + apply_fn(x[:, :, ::-1]))
+
+    logits = mirrored(images)
+    if tta == "flip_translate":
+        height, width = images.shape[1:3]
+        padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        shifted = 0.5 * (mirrored(padded[:, :height, :width]) + mirrored(padded[:, 2:, 2:]))
+        logits = 0.5 * (logits + shifted)
+    return logits
+
+
+def eval_step(state: TrainState, batch, *, preprocess_fn: Callable, tta: str = "none"):
     """Sums over the real (mask=1) examples of the global batch: loss, correct, count, confusion."""
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, preprocess_fn(batch["image"]), train=False
-    )
+    apply = functools.partial(state.apply_fn, eval_variables(state), train=False)
+    logits = tta_logits(apply, preprocess_fn(batch["image"]), tta)
     num_classes = logits.shape[-1]
     mask = batch["mask"]
     predictions = jnp.argmax(logits, -1)
@@ -189,12 +222,12 @@ def eval_step(state: TrainState, batch, *, preprocess_fn: Callable):
 # --------------------------------------------------------------------------------- loop
 
 
-def evaluate(p_eval_step, state, dataset, config) -> dict:
-    """Loss, accuracy and confusion matrix over the whole test split (each example once)."""
+def evaluate(p_eval_step, state, images, labels, config) -> dict:
+    """Loss, accuracy and confusion matrix over a whole split (each example once)."""
     totals = None
     for batch in input_pipeline.eval_batches(
-        dataset.test_images,
-        dataset.test_labels,
+        images,
+        labels,
         batch_size=config.eval_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -266,13 +299,16 @@ class Setup:
             preprocess_fn=self.preprocess_fn,
             aug_key=self.aug_key if self.config.data.augment else None,
             label_smoothing=self.config.label_smoothing,
+            ema_decay=self.config.ema_decay,
         )
 
     def p_train_step(self, devices=None):
         return jax.pmap(self.train_step(), axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
-    def p_eval_step(self, devices=None):
-        return jax.pmap(functools.partial(eval_step, preprocess_fn=self.preprocess_fn), axis_name=AXIS, devices=devices)
+    def p_eval_step(self, devices=None, tta=None):
+        """The pmapped eval step, with test-time augmentation `tta` (default: config.eval_tta)."""
+        step = functools.partial(eval_step, preprocess_fn=self.preprocess_fn, tta=tta or self.config.eval_tta)
+        return jax.pmap(step, axis_name=AXIS, devices=devices)
 
 
 def replicate(tree, devices=None):
@@ -300,10 +336,10 @@ def device_batches(dataset, config, start_step: int, num_steps: int, devices=Non
     return jax_utils.prefetch_to_device(batches, 2, devices, axis_name=AXIS)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=None, config_path: str = "CONFIG") -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=None, config_path: str = "CONFIG") -> bool:
     """Trains (resuming from the latest checkpoint in `workdir`), evaluates, checkpoints.
 
-    Returns the final state on the host.
+    Returns whether training reached its last step (False: a signal stopped it).
     """
     is_main = jax.process_index() == 0
     dataset = dataset or input_pipeline.load_dataset(config.data)
@@ -387,18 +423,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                         _report(progress, record)
 
                 if step % eval_every == 0 or step == num_steps:
-                    eval_started = time.perf_counter()
-                    result = evaluate(p_eval_step, state, dataset, config)
-                    now = time.perf_counter()
-                    record = {
-                        "step": step, "epoch": step / spe, "split": "test", "loss": result["loss"], "accuracy": result["accuracy"],
-                        "eval_seconds": now - eval_started, "elapsed_seconds": now - started,
-                    }
+                    accuracy = {}
+                    for split, images, labels in dataset.eval_splits():
+                        eval_started = time.perf_counter()
+                        result = evaluate(p_eval_step, state, images, labels, config)
+                        accuracy[split] = result["accuracy"]
+                        now = time.perf_counter()
+                        record = {
+                            "step": step, "epoch": step / spe, "split": split, "loss": result["loss"],
+                            "accuracy": result["accuracy"], "eval_seconds": now - eval_started, "elapsed_seconds": now - started,
+                        }
+                        if log:
+                            log.write(record)
+                            _report(progress, record)
                     if log:
-                        log.write(record)
-                        _report(progress, record)
                         plots.plot_curves(workdir)
-                    save(step, {"accuracy": result["accuracy"]})
+                    # The kept "best" checkpoint is chosen on validation only, never on test.
+                    save(step, {"validation_accuracy": accuracy["validation"]} if "validation" in accuracy else None)
                     timer = (time.perf_counter(), step)
                 elif step % config.checkpoint_every_steps == 0:
                     save(step)
@@ -422,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
             progress.close()
         if log:
             log.close()
-    return checkpoints.first_replica(state)
+    return step >= num_steps
 
 
 def _progress_bar(is_main: bool, start: int, total: int):

@@ -2,13 +2,11 @@
 
 import jax
 
-from resnet_jax import models
+from resnet_jax import input_pipeline, models, train
 from resnet_jax.errors import Error
 
-DATASETS = ("cifar10", "cifar100", "folder")
 EXPORT_FORMATS = ("stablehlo", "onnx", "savedmodel")
 DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
 
 
 def _choice(name, value, choices):
@@ -33,15 +31,18 @@ def validate(config, device_count: int = None) -> None:
     _choice("model.dtype", config.model.dtype, DTYPES)
     if config.model.num_filters is not None:
         _positive(config, "model.num_filters")
-    _choice("data.name", config.data.name, DATASETS)
+    _choice("data.name", config.data.name, input_pipeline.DATASETS)
     if config.data.name == "folder" and not config.data.folder:
         raise Error("--config.data.name=folder needs --config.data.folder=DIR (holding train/<class>/ and test/<class>/ images)")
     _positive(config, "data.image_size")
-    _choice("data.padding_mode", config.data.padding_mode, ("reflect", "zero"))
-    _choice("data.normalization", config.data.normalization, ("dataset", "half"))
-    if config.data.crop_padding < 0 or config.data.cutout < 0:
-        raise Error("--config.data.crop_padding and --config.data.cutout must be >= 0")
-    _choice("schedule", config.schedule, SCHEDULES)
+    _choice("data.padding_mode", config.data.padding_mode, tuple(input_pipeline.PADDING_MODES))
+    _choice("data.normalization", config.data.normalization, input_pipeline.NORMALIZATIONS)
+    if config.data.crop_padding < 0 or config.data.cutout < 0 or config.data.validation_examples < 0:
+        raise Error("--config.data.crop_padding, data.cutout and data.validation_examples must be >= 0")
+    _choice("schedule", config.schedule, train.SCHEDULES)
+    _choice("eval_tta", config.eval_tta, train.TTA_MODES)
+    if not 0 <= config.ema_decay < 1:
+        raise Error(f"--config.ema_decay must be in [0, 1) (0: off; 0.99 averages about the last 100 steps), got {config.ema_decay}")
     _positive(config, "batch_size", "eval_batch_size", "learning_rate", "base_batch_size")
     _positive(config, "log_every_steps", "checkpoint_every_steps", "eval_every_epochs", "keep_checkpoints")
     if config.num_train_steps <= 0:

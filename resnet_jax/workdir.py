@@ -16,7 +16,7 @@ from typing import Optional
 from resnet_jax.errors import Error
 
 # Fields that make a resumed run meaningless when they change.
-RESUME_FIELDS = ("model.name", "model.stem", "model.num_filters", "data.name", "batch_size")
+RESUME_FIELDS = ("model.name", "model.stem", "model.num_filters", "data.name", "data.validation_examples", "batch_size", "ema_decay")
 
 
 def prepare(workdir: str) -> None:
@@ -89,22 +89,28 @@ def _get(config: dict, dotted: str):
     return config
 
 
-def check_and_save_config(workdir: str, config) -> None:
-    """Refuses to resume under a config that changed what the checkpoints mean, then saves config.json."""
+def check_config(workdir: str, config) -> None:
+    """Refuses a config that changed what the checkpoints in `workdir` mean (to resume or evaluate them)."""
     path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or config.allow_config_change:
+        return
+    with open(path) as f:
+        saved = json.load(f)
     current = json.loads(config.to_json())
-    if os.path.exists(path) and not config.allow_config_change:
-        with open(path) as f:
-            saved = json.load(f)
-        changed = [k for k in RESUME_FIELDS if _get(saved, k) != _get(current, k)]
-        if changed:
-            diffs = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in changed)
-            raise Error(
-                f"workdir {workdir} holds a run with a different config ({diffs}); "
-                f"use another --workdir, or pass --config.allow_config_change=True to resume anyway"
-            )
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2)
+    changed = [k for k in RESUME_FIELDS if _get(saved, k) != _get(current, k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in changed)
+        raise Error(
+            f"workdir {workdir} holds a run with a different config ({diffs}); pass the run's own settings, "
+            f"use another --workdir, or pass --config.allow_config_change=True to go on anyway"
+        )
+
+
+def check_and_save_config(workdir: str, config) -> None:
+    """`check_config`, then saves the config as `workdir`/config.json."""
+    check_config(workdir, config)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
 
 
 class MetricsLog:

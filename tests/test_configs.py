@@ -62,6 +62,10 @@ def test_flagship_and_he_recipes():
         ("--config.eval_batch_size=12", "eval_batch_size=12 is not divisible by the 8 devices"),
         ("--config.schedule=linear", "schedule='linear' is not one of"),
         ("--config.eval_checkpoint_step=last", "eval_checkpoint_step must be 'latest', 'best' or a step"),
+        ("--config.eval_tta=mirror", "eval_tta='mirror' is not one of: none, flip, flip_translate"),
+        ("--config.ema_decay=1.0", "ema_decay must be in [0, 1)"),
+        ("--config.data.validation_examples=-1", "data.validation_examples must be >= 0"),
+        ("--config.data.padding_mode=wrap", "data.padding_mode='wrap' is not one of: reflect, zero"),
     ],
 )
 def test_invalid_values_are_rejected_before_anything_runs(tmp_path, override, message):

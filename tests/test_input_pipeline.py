@@ -44,6 +44,29 @@ def test_loads_both_splits_as_uint8_with_names_and_stats(dataset):
         assert not np.allclose(dataset.mean, dataset.test_images.reshape(-1, 3).mean(0), rtol=1e-5)
 
 
+def test_validation_split_is_fixed_balanced_and_disjoint_from_training(dataset, small_data_dir):
+    held = input_pipeline.load_dataset(data_config(small_data_dir, validation_examples=205))
+    again = input_pipeline.load_dataset(data_config(small_data_dir, validation_examples=205))
+    np.testing.assert_array_equal(held.validation_images, again.validation_images)
+    # Class-balanced: 205 = 10 x 20 + 5, the first five classes one more.
+    assert np.bincount(held.validation_labels, minlength=10).tolist() == [21] * 5 + [20] * 5
+    # Moved out of train: together they are the train split, with nothing shared.
+    assert len(held.train_images) == 2000 - 205
+    key = lambda images: {img.tobytes() for img in images}  # noqa: E731
+    assert not key(held.validation_images) & key(held.train_images)
+    assert key(held.validation_images) | key(held.train_images) == key(dataset.train_images)
+    assert [name for name, *_ in held.eval_splits()] == ["validation", "test"]
+    assert [name for name, *_ in dataset.eval_splits()] == ["test"]
+    # Normalisation statistics come from what is trained on.
+    np.testing.assert_allclose(held.mean, input_pipeline.channel_stats(held.train_images)[0])
+    # Not drawn from config.seed or anything of the device layout: a function of the labels and N only.
+    labels = dataset.train_labels
+    np.testing.assert_array_equal(input_pipeline.validation_indices(labels, 205, 10),
+                                  input_pipeline.validation_indices(labels.copy(), 205, 10))
+    with pytest.raises(Error, match="asks for 201 examples of class 0, but the train split has 200"):
+        input_pipeline.validation_indices(labels, 2010, 10)
+
+
 def test_channel_stats_match_numpy():
     images = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
     mean, std = input_pipeline.channel_stats(images)

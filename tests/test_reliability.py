@@ -216,6 +216,10 @@ def test_eval_without_checkpoints_or_with_a_missing_step(ten_steps, tiny_data_di
     line = one_line_error(run_cli("--config", "configs/smoke.py", "--workdir", str(ten_steps), "--mode", "eval",
                                   f"--config.data.data_dir={tiny_data_dir}", "--config.eval_checkpoint_step=15"), 2)
     assert "no checkpoint at step 15" in line and "available: 10, 20" in line
+    line = one_line_error(run_cli("--config", "configs/smoke.py", "--workdir", str(ten_steps), "--mode", "eval",
+                                  f"--config.data.data_dir={tiny_data_dir}", "--config.eval_checkpoint_step=best"), 2)
+    assert "no 'best' checkpoint" in line and "no validation split" in line
+    assert "--config.data.validation_examples=5000" in line
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def run_steps(config, dataset, num_devices, steps=3):
     p_train_step = setup.p_train_step(devices=devices)
     for batch in train.device_batches(dataset, config, 0, steps, devices):
         state = p_train_step(state, batch)
-    for name in ("params", "batch_stats", "opt_state"):
+    for name in ("params", "batch_stats", "opt_state", "ema"):
         for leaf in jax.tree_util.tree_leaves(getattr(state, name)):
             replicas = [np.asarray(shard.data) for shard in leaf.addressable_shards]
             assert len(replicas) == num_devices
@@ -75,6 +75,42 @@ def test_without_sync_batch_norm_devices_normalise_locally(dataset):
     eight = run_steps(config, dataset, 8)
     diffs = [np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params))]
     assert max(diffs) > 1e-3
+
+
+def test_weight_average_is_identical_across_layouts_and_follows_its_formula(dataset):
+    config = smoke.get_config()
+    config.ema_decay = 0.9
+    one = run_steps(config, dataset, 1, steps=1)
+    start = train.Setup(config, dataset).initial_state
+    # The first update's decay is min(0.9, (1 + 0) / (10 + 0)) = 0.1.
+    expected = jax.tree_util.tree_map(lambda e, p: 0.1 * e + 0.9 * p, start.ema["params"], one.params)
+    chex.assert_trees_all_close(one.ema["params"], expected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(one.ema["batch_stats"]["bn_init"]["mean"],
+                                0.9 * one.batch_stats["bn_init"]["mean"], rtol=1e-6, atol=1e-7)  # from 0
+    one, eight = run_steps(config, dataset, 1), run_steps(config, dataset, 8)
+    chex.assert_trees_all_close(eight.ema, one.ema, rtol=1e-4, atol=1e-5)
+    gap = max(np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.ema["params"]), jax.tree_util.tree_leaves(one.params)))
+    assert gap > 1e-3  # the average lags the params
+    # Evaluation applies the average.
+    assert train.eval_variables(one) is one.ema
+    config.ema_decay = 0.0
+    assert train.Setup(config, dataset).initial_state.ema is None
+
+
+@pytest.mark.parametrize("tta", train.TTA_MODES)
+def test_test_time_augmentation_averages_airbench_views(tta):
+    images = np.arange(2 * 4 * 5 * 1, dtype=np.float32).reshape(2, 4, 5, 1)
+    corner = lambda x: x[:, 0, 0, 0]  # noqa: E731 - a "model" that reads the top-left pixel
+    views = {
+        "none": [(1.0, images)],
+        "flip": [(0.5, images), (0.5, images[:, :, ::-1])],
+    }
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = padded[:, :4, :5], padded[:, 2:, 2:]
+    views["flip_translate"] = [(0.25, images), (0.25, images[:, :, ::-1])] + [
+        (0.125, v) for shifted in (up_left, down_right) for v in (shifted, shifted[:, :, ::-1])]
+    expected = sum(w * corner(v) for w, v in views[tta])
+    np.testing.assert_allclose(train.tta_logits(corner, images, tta), expected, rtol=1e-6)
 
 
 def test_weight_decay_masks_kernels_only():
@@ -110,7 +146,9 @@ def test_deprecation_warnings_from_our_code_fail_the_suite():
 
 # ------------------------------------------------------------------------ runs through run.py
 
-STEPS = 40  # 4 epochs of the 640-image set at batch 64
+STEPS = 40  # 5 epochs of the 540 images left for training at batch 64
+# A validation split and a weight average, so that resume and evaluation are checked with both.
+RECIPE = ("--config.data.validation_examples=100", "--config.ema_decay=0.9", "--config.eval_every_epochs=2.5")
 
 
 def smoke_args(data_dir, workdir, *extra):
@@ -123,14 +161,14 @@ def smoke_args(data_dir, workdir, *extra):
 def trained(tiny_data_dir, tmp_path_factory):
     """An uninterrupted smoke run: the reference the other runs are compared against."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli(*smoke_args(tiny_data_dir, workdir))
+    result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
 def final_state(workdir, data_dir):
     config = smoke.get_config()
-    config.data.data_dir = data_dir
+    config.data.data_dir, config.ema_decay = data_dir, 0.9
     setup = train.Setup(config, input_pipeline.load_dataset(config.data))
     manager = checkpoints.create_manager(str(workdir), 3, read_only=True)
     return checkpoints.restore_latest(manager, setup.initial_state)
@@ -143,6 +181,8 @@ def test_run_writes_metrics_checkpoints_and_config(trained):
     test_records = [r for r in records if r["split"] == "test"]
     assert [r["step"] for r in train_records] == list(range(5, STEPS + 1, 5))
     assert [r["step"] for r in test_records] == [20, 40]
+    assert [(r["step"], r["split"]) for r in records if r["split"] != "train"] == [
+        (20, "validation"), (20, "test"), (40, "validation"), (40, "test")]
     for r in train_records:
         assert {"step", "epoch", "split", "loss", "accuracy", "learning_rate", "images_per_sec", "elapsed_seconds"} <= set(r)
     # Timings for time-to-accuracy: the first step (compilation) once, each evaluation's wall time.
@@ -151,7 +191,7 @@ def test_run_writes_metrics_checkpoints_and_config(trained):
     assert all(0 < r["eval_seconds"] < r["elapsed_seconds"] for r in test_records)
     elapsed = [r["elapsed_seconds"] for r in records]
     assert elapsed == sorted(elapsed)
-    assert train_records[-1]["epoch"] == 4.0
+    assert train_records[-1]["epoch"] == 5.0
     # The smoke config learns on real data.
     assert np.mean([r["loss"] for r in train_records[-2:]]) < train_records[0]["loss"] - 0.1
     assert json.load(open(os.path.join(trained, "config.json")))["model"]["name"] == "resnet8"
@@ -163,33 +203,47 @@ def test_run_writes_metrics_checkpoints_and_config(trained):
 
 @pytest.mark.slow
 def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_dir):
+    # Evaluating under a config that changes what the checkpoints mean is refused, in one line.
     result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval",
                      f"--config.data.data_dir={tiny_data_dir}")
+    assert result.returncode == 2 and "data.validation_examples: 100 -> 0" in result.stderr, result.stderr[-3000:]
+    assert "ema_decay: 0.9 -> 0.0" in result.stderr and result.stderr.strip().count("\n") == 0
+    result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval", *RECIPE,
+                     f"--config.data.data_dir={tiny_data_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "eval: step 40: accuracy" in result.stdout
+    assert "eval: step 40: test accuracy" in result.stdout and "eval: step 40: validation accuracy" in result.stdout
     report = json.load(open(os.path.join(trained, "eval_40.json")))
-    logged = [r for r in read_metrics(os.path.join(trained, "metrics.jsonl")) if r["split"] == "test"][-1]
-    assert report["num_examples"] == 100
+    records = read_metrics(os.path.join(trained, "metrics.jsonl"))
+    logged = [r for r in records if r["split"] == "test"][-1]
+    assert report["num_examples"] == 100 and report["ema"] and report["tta"] == "none"
     assert report["accuracy"] == logged["accuracy"] and report["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+    logged = [r for r in records if r["split"] == "validation"][-1]
+    assert report["validation"]["num_examples"] == 100 and report["validation"]["accuracy"] == logged["accuracy"]
     confusion = np.array(report["confusion_matrix"])
     assert confusion.sum() == 100 and confusion.sum(1).tolist() == [10] * 10
     assert np.trace(confusion) / 100 == report["accuracy"]
     assert set(report["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
     assert os.path.getsize(os.path.join(trained, "confusion_40.png")) > 1000
-    # A chosen step, and "best".
-    for which, step in (("20", 20), ("best", None)):
-        result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval",
+    # A chosen step, and "best": chosen on validation, never on test.
+    best = max((r for r in records if r["split"] == "validation"), key=lambda r: (r["accuracy"], -r["step"]))["step"]
+    for which, step in (("20", 20), ("best", best)):
+        result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval", *RECIPE,
                          f"--config.data.data_dir={tiny_data_dir}", f"--config.eval_checkpoint_step={which}")
         assert result.returncode == 0, result.stderr[-3000:]
-        best = max((r for r in read_metrics(os.path.join(trained, "metrics.jsonl")) if r["split"] == "test"),
-                   key=lambda r: r["accuracy"])["step"]
-        assert f"eval: step {step or best}:" in result.stdout
+        assert f"eval: step {step}: test accuracy" in result.stdout
+    # Test-time augmentation still counts every example once.
+    result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval", *RECIPE,
+                     f"--config.data.data_dir={tiny_data_dir}", "--config.eval_tta=flip_translate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(os.path.join(trained, "eval_40.json")))
+    assert report["tta"] == "flip_translate" and report["num_examples"] == 100
+    assert np.array(report["confusion_matrix"]).sum() == 100 and report["validation"]["num_examples"] == 100
 
 
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir, tmp_path):
     workdir = tmp_path / "interrupted"
-    cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(tiny_data_dir, workdir)]
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(tiny_data_dir, workdir), *RECIPE]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     metrics = workdir / "metrics.jsonl"
@@ -207,7 +261,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir
     assert 15 <= stopped_at < STEPS
     assert str(stopped_at) in os.listdir(workdir / "checkpoints")
 
-    result = run_cli(*smoke_args(tiny_data_dir, workdir))
+    result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = read_metrics(str(metrics))
     reference = read_metrics(os.path.join(trained, "metrics.jsonl"))
