@@ -47,6 +47,8 @@ def get_config():
     config.weight_decay = 5e-4  # L2 decay on conv and dense kernels only (not BN, not biases)
     config.label_smoothing = 0.0  # label smoothing of the cross-entropy targets
     config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: off
+    config.ema_decay = 0.0  # decay of the exponential moving average of params and BN statistics used to evaluate; 0: off
+    config.eval_tta = "none"  # test-time augmentation in evaluation: "none", "flip" or "flip_translate"
 
     config.seed = 0  # seeds initialisation, data order and augmentation
     config.log_every_steps = 50  # steps between train metric records
