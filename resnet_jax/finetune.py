@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax import checkpoints, convert
+from resnet_jax import checkpoints, convert, models
 from resnet_jax.errors import Error
 
 HEAD = ("params", "head")
@@ -72,6 +72,9 @@ def read_source(config, model) -> Tuple[str, dict]:
         return f"the checkpoint at step {step} of {source}", variables
     if not os.path.isfile(source):
         raise Error(f"--config.init_from={source!r} does not exist; give a run's workdir or a state_dict file")
+    if not isinstance(model, models.ResNet):
+        raise Error(f"--config.init_from={source}: a torchvision-style state_dict fits the ResNets, not "
+                    f"{config.model.name}; give a {config.model.name} run's workdir instead")
     state_dict = read_state_dict(source)
     try:
         variables = convert.torch_to_flax(state_dict, model.stage_sizes, convert.block_name(model.block_cls))
@@ -94,7 +97,8 @@ def merge(config, source: str, template: dict, loaded: dict) -> Tuple[dict, bool
     the head was re-initialised (kept from `template`) because the number of classes differs."""
     ours = traverse_util.flatten_dict({c: template[c] for c in COLLECTIONS})
     theirs = traverse_util.flatten_dict({c: loaded[c] for c in COLLECTIONS})
-    new_head = theirs.get(HEAD + ("bias",), np.zeros(0)).shape != ours[HEAD + ("bias",)].shape
+    # The number of classes is the head kernel's last dimension (ResNet-9's head has no bias).
+    new_head = theirs.get(HEAD + ("kernel",), np.zeros(0)).shape[-1] != ours[HEAD + ("kernel",)].shape[-1]
     merged = {}
     for key, value in ours.items():  # In sorted order (jax's for dicts): the first misfit is named.
         name = "/".join(key)
@@ -120,7 +124,7 @@ def initial_state(config, setup):
     logging.info(
         "fine-tuning from %s: loaded %d tensors%s",
         description,
-        len(traverse_util.flatten_dict(variables)) - (2 if new_head else 0),
+        len(traverse_util.flatten_dict(variables)) - (len(variables["params"]["head"]) if new_head else 0),
         f"; the head is new ({setup.dataset.num_classes} classes)" if new_head else "",
     )
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])

@@ -22,7 +22,7 @@ def load(name):
 
 
 def test_the_configs_the_readme_promises_exist():
-    assert {"default", "resnet18", "resnet20", "resnet56", "resnet110", "seed", "smoke"} <= set(CONFIG_NAMES)
+    assert {"default", "resnet18", "resnet20", "resnet56", "resnet110", "seed", "smoke", "resnet9_fast", "cifar100"} <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -47,6 +47,19 @@ def test_flagship_and_he_recipes():
         )
     seed = load("seed")
     assert (seed.model.stem, seed.batch_size, seed.learning_rate, seed.data.augment) == ("imagenet", 4, 0.001, False)
+
+
+def test_page_resnet9_and_cifar100_recipes():
+    fast = load("resnet9_fast")
+    assert (fast.model.name, fast.batch_size, fast.num_epochs, fast.nesterov, fast.data.cutout) == ("resnet9", 512, 24, True, 8)
+    assert (fast.weight_decay, fast.label_smoothing, fast.ema_decay, fast.eval_tta) == (5e-4, 0.2, 0.99, "flip_translate")
+    # CIFAR-10's 50,000 images at batch 512: 97 steps an epoch, 2,328 in all; lr 0 -> 0.4 at epoch 5 -> 0.
+    schedule = train.create_learning_rate_fn(fast, steps_per_epoch=97, num_steps=2328)
+    assert [float(schedule(s)) for s in (0, 485, 2328)] == pytest.approx([0.0, 0.4, 0.0], abs=1e-6)
+    cifar100, r18 = load("cifar100"), load("resnet18")
+    assert cifar100.data.name == "cifar100"
+    cifar100.data.name = "cifar10"
+    assert cifar100 == r18  # otherwise the flagship recipe
 
 
 @pytest.mark.parametrize(

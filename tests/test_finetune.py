@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from conftest import CIFAR10_ARCHIVE, run_cli
 from configs import smoke
-from resnet_jax import convert, finetune, input_pipeline, train, workdir as workdir_lib
+from resnet_jax import convert, finetune, input_pipeline, models, train, workdir as workdir_lib
 from resnet_jax.errors import Error
 from test_image_folder import make_folder
 
@@ -135,6 +135,31 @@ def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tm
     save_file(state_dict, str(tmp_path / "partial.safetensors"))
     with pytest.raises(Error, match=r"does not fit resnet8, num_filters=8: layer2\.0\.conv1\.weight is missing there"):
         fine_tune_state(smoke_setup(10), tmp_path / "partial.safetensors")
+
+
+@pytest.mark.parametrize("num_classes", [10, 2])
+def test_a_bias_free_head_is_new_when_the_number_of_classes_differs(num_classes):
+    def variables(classes, seed):  # random ones, shaped as a narrow ResNet-9's: its head is a kernel alone
+        model = models.get_model("resnet9", num_classes=classes, num_filters=4)
+        shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), np.zeros((1, 32, 32, 3)))
+        rng = np.random.default_rng(seed)
+        return jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
+
+    loaded, template = variables(10, seed=1), variables(num_classes, seed=2)
+    merged, new_head = finetune.merge(smoke.get_config(), "a run", template, loaded)
+    assert new_head == (num_classes != 10)
+    assert_trees_equal(merged["batch_stats"], loaded["batch_stats"])
+    assert_trees_equal(merged["params"], loaded["params"], skip=("head",))
+    assert_trees_equal(merged["params"]["head"], (template if new_head else loaded)["params"]["head"])
+
+
+def test_a_state_dict_fits_the_resnets_only(tmp_path):
+    config = smoke.get_config()
+    config.model.name = "resnet9"
+    config.init_from = str(tmp_path / "weights.safetensors")
+    save_file({"conv1.weight": np.zeros((64, 3, 3, 3), np.float32)}, config.init_from)
+    with pytest.raises(Error, match=r"a torchvision-style state_dict fits the ResNets, not resnet9; give a resnet9 run's workdir"):
+        finetune.read_source(config, models.get_model("resnet9", num_classes=10))
 
 
 # These runs test fine-tuning, not the pmapped paths (other tests run those on 8 devices):

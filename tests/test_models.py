@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
+from flax import traverse_util
 
 from resnet_jax import models
 
@@ -21,6 +23,7 @@ REFERENCE_COUNTS = [
     ("resnet32", None, 464_154),
     ("resnet56", None, 853_018),
     ("resnet110", None, 1_727_962),
+    ("resnet9", None, 6_573_120),  # David Page's cifar10-fast net (PyTorch)
 ]
 
 
@@ -33,6 +36,31 @@ def abstract_variables(model):
 def test_parameter_counts_match_reference(name, stem, expected):
     model = models.get_model(name, num_classes=10, **({"stem": stem} if stem else {}))
     assert models.num_params(abstract_variables(model)["params"]) == expected
+
+
+def test_resnet9_has_pages_bias_free_layers():
+    model = models.get_model("resnet9", num_classes=10)
+    params = traverse_util.flatten_dict(abstract_variables(model)["params"])
+    head = params.pop(("head", "kernel")).size
+    convs = sum(v.size for k, v in params.items() if k[-1] == "kernel")
+    norms = sum(v.size for k, v in params.items() if k[-1] in ("scale", "bias"))
+    # Page's split: 6,563,520 in the 8 conv kernels, 4,480 in the 8 BatchNorms, a 512x10 head.
+    assert (convs, norms, head) == (6_563_520, 4_480, 5_120)
+    assert len(params) == 8 + 2 * 8  # and nothing else: no conv or head bias
+
+
+def test_resnet9_residuals_start_as_identities_with_zero_init_residual():
+    model = models.get_model("resnet9", num_classes=10, num_filters=4, zero_init_residual=True)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    np.testing.assert_array_equal(variables["params"]["layer1_residual"]["bn1"]["scale"], 1.0)
+    apply = functools.partial(model.apply, train=False, capture_intermediates=True, mutable=["intermediates"])
+    _, state = jax.jit(apply)(variables, x)
+    hidden = state["intermediates"]
+    for layer in ("layer1", "layer3"):
+        np.testing.assert_array_equal(variables["params"][f"{layer}_residual"]["bn2"]["scale"], 0.0)
+        pooled = nn.max_pool(nn.relu(hidden[f"{layer}_bn"]["__call__"][0]), (2, 2), strides=(2, 2))
+        np.testing.assert_array_equal(hidden[f"{layer}_residual"]["__call__"][0], pooled)
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
