@@ -27,7 +27,7 @@ def validate(config, device_count: int = None) -> None:
     """Raises Error naming the first field that is wrong and how to fix it."""
     device_count = device_count or jax.device_count()
     _choice("model.name", config.model.name, sorted(models.MODELS))
-    _choice("model.stem", config.model.stem, ("cifar", "imagenet"))
+    _choice("model.stem", config.model.stem, models.STEMS)
     _choice("model.dtype", config.model.dtype, DTYPES)
     if config.model.num_filters is not None:
         _positive(config, "model.num_filters")

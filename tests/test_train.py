@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from configs import smoke
-from resnet_jax import checkpoints, input_pipeline, tfds_writer, train
+from resnet_jax import checkpoints, input_pipeline, train
 from resnet_jax.workdir import read_metrics
 
 
@@ -126,7 +126,7 @@ def test_weight_decay_masks_kernels_only():
     assert float(updates["conv"]["kernel"].max()) == -0.5 and float(updates["bn"]["scale"].max()) == 0.0
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "piecewise", "onecycle", "constant"])
+@pytest.mark.parametrize("schedule", train.SCHEDULES)
 def test_schedules_peak_at_the_scaled_learning_rate(schedule):
     config = smoke.get_config()
     config.schedule, config.warmup_epochs, config.batch_size, config.base_batch_size = schedule, 1.0, 128, 64
@@ -330,27 +330,3 @@ def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tm
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
         assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=1e-6)
     assert "training resnet8 on cifar10: 6 steps (10 per epoch), 4 devices on 2 processes" in outputs[0][1]
-
-
-@pytest.mark.slow
-def test_cifar100_trains_and_evaluates_its_100_classes(tmp_path):
-    """configs/cifar100.py, shrunk to a resnet8 and 6 steps, on synthetic CIFAR-100 (fine and coarse labels)."""
-    data_dir = str(tmp_path / "data")
-    tfds_writer.main([data_dir, "--synthetic", "--name", "cifar100", "--train", "400", "--test", "200"])
-    workdir = str(tmp_path / "run")
-    args = ("--config", "configs/cifar100.py", "--workdir", workdir, f"--config.data.data_dir={data_dir}",
-            "--config.model.name=resnet8", "--config.model.num_filters=8", "--config.batch_size=64",
-            "--config.eval_batch_size=200", "--config.num_train_steps=6", "--config.log_every_steps=3")
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "training resnet8 on cifar100: 6 steps (6 per epoch), 8 devices on 1 processes" in result.stderr
-    result = run_cli(*args, "--mode", "eval")
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(workdir, "eval_6.json")) as f:
-        report = json.load(f)
-    assert report["class_names"] == [f"class_{i}" for i in range(100)]  # the fine labels, not the 20 coarse ones
-    confusion = np.array(report["confusion_matrix"])
-    assert confusion.shape == (100, 100) and confusion.sum() == report["num_examples"] == 200
-    assert (confusion.sum(1) == 2).all()  # the writer's balanced classes: 2 test images each
-    losses = [r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))] + [report["loss"]]
-    assert len(losses) == 4 and np.all(np.isfinite(losses))  # train at steps 3 and 6, test at 6, eval
