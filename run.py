@@ -2,6 +2,7 @@
 
     python run.py --config configs/resnet18.py [--workdir DIR] [--mode train|eval|export|summary]
                   [--config.key=value ...]
+    python run.py --config configs/resnet18.py --seeds 3 [--mode eval]   # mean ± std over seeds
     python run.py --config configs/resnet18.py --mode predict [--json] IMAGE [IMAGE ...]
                   [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
