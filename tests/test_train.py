@@ -77,7 +77,7 @@ def test_without_sync_batch_norm_devices_normalise_locally(dataset):
     assert max(diffs) > 1e-3
 
 
-def test_weight_average_is_identical_across_layouts_and_follows_its_formula(dataset):
+def test_weight_average_follows_its_formula_and_is_identical_on_1_and_8_devices(dataset):
     config = smoke.get_config()
     config.ema_decay = 0.9
     one = run_steps(config, dataset, 1, steps=1)
