@@ -162,8 +162,9 @@ def run(argv) -> None:
     train_workdir(config, workdir, config_path)
 
 
-def train_workdir(config, workdir: str, config_path: str) -> bool:
-    """Trains in `workdir` under its lock; whether training reached its last step."""
+def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:
+    """Trains in `workdir` under its lock (on `dataset`, or the one the config names); whether
+    training reached its last step."""
     import jax
 
     from resnet_jax import train, workdir as workdir_lib
@@ -176,7 +177,7 @@ def train_workdir(config, workdir: str, config_path: str) -> bool:
     try:
         if main_process:
             workdir_lib.check_and_save_config(workdir, config)
-        return train.train_and_evaluate(config, workdir, config_path=config_path)
+        return train.train_and_evaluate(config, workdir, dataset, config_path=config_path)
     finally:
         if lock:
             lock.release()
@@ -186,21 +187,23 @@ def run_seeds(config, workdir: str, config_path: str) -> None:
     """--seeds: trains or evaluates WORKDIR/seed_<seed> for each seed, then summarises them."""
     import jax
 
-    from resnet_jax import evaluate, seeds
+    from resnet_jax import evaluate, input_pipeline, seeds
 
     if FLAGS.mode not in ("train", "eval"):
         raise Error(f"--seeds works with --mode train or eval, not --mode {FLAGS.mode}")
+    seed_list = seeds.parse(FLAGS.seeds)
+    dataset = input_pipeline.load_dataset(config.data)  # Once: the seeds differ in nothing the data depends on.
     per_seed = {}
-    for seed in seeds.parse(FLAGS.seeds):
+    for seed in seed_list:
         seed_config = config.copy_and_resolve_references()
         seed_config.seed = seed
         directory = seeds.seed_workdir(workdir, seed)
         if FLAGS.mode == "eval":
-            report = evaluate.evaluate_checkpoint(seed_config, directory)
+            report = evaluate.evaluate_checkpoint(seed_config, directory, dataset)
             per_seed[seed] = {"step": report["step"], "test": report["accuracy"]}
             if "validation" in report:
                 per_seed[seed]["validation"] = report["validation"]["accuracy"]
-        elif train_workdir(seed_config, directory, config_path):
+        elif train_workdir(seed_config, directory, config_path, dataset):
             per_seed[seed] = seeds.final_accuracy(directory)
         else:  # Stopped by a signal: the same command resumes it.
             return
