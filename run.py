@@ -110,10 +110,10 @@ def run(argv) -> None:
     initialize_distributed()
     import jax
 
-    from resnet_jax import accelerators, evaluate, validation
+    from resnet_jax import accelerators, config_checks, evaluate
 
     config = FLAGS.config
-    validation.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
+    config_checks.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
     accelerators.log_platform()
     config_path = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
@@ -167,7 +167,8 @@ def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:
     training reached its last step."""
     import jax
 
-    from resnet_jax import train, workdir as workdir_lib
+    from resnet_jax import loop
+    from resnet_jax import workdir as workdir_lib
 
     workdir_lib.prepare(workdir)
     main_process = jax.process_index() == 0
@@ -177,7 +178,7 @@ def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:
     try:
         if main_process:
             workdir_lib.check_and_save_config(workdir, config)
-        return train.train_and_evaluate(config, workdir, dataset, config_path=config_path)
+        return loop.train_and_evaluate(config, workdir, dataset, config_path=config_path)
     finally:
         if lock:
             lock.release()
@@ -187,12 +188,13 @@ def run_seeds(config, workdir: str, config_path: str) -> None:
     """--seeds: trains or evaluates WORKDIR/seed_<seed> for each seed, then summarises them."""
     import jax
 
-    from resnet_jax import evaluate, input_pipeline, seeds
+    from resnet_jax import evaluate, seeds
+    from resnet_jax.data import registry
 
     if FLAGS.mode not in ("train", "eval"):
         raise Error(f"--seeds works with --mode train or eval, not --mode {FLAGS.mode}")
     seed_list = seeds.parse(FLAGS.seeds)
-    dataset = input_pipeline.load_dataset(config.data)  # Once: the seeds differ in nothing the data depends on.
+    dataset = registry.load_dataset(config.data)  # Once: the seeds differ in nothing the data depends on.
     per_seed = {}
     for seed in seed_list:
         seed_config = config.copy_and_resolve_references()

@@ -1,10 +1,9 @@
 """Host-side speed of the input pipeline, in images/s.
 
-Times what the training loop does on the host for every step: `input_pipeline.train_batch`
+Times what the training loop does on the host for every step: `pipeline.train_batch`
 (the epoch's permutation, the gather of the batch's images and labels from the uint8
-split held in memory, the split into per-device shards), then the host->device transfer
-of the sharded batch onto the local devices in the layout the pmapped step takes
-(`jax.device_put`, until `block_until_ready`). Reports both rates: host_images_per_sec
+split held in memory), then `parallel.device_batches`, the host->device transfer of the
+batch onto the local devices in the layout the train step takes (until `block_until_ready`). Reports both rates: host_images_per_sec
 (batching alone) and images_per_sec (batching + transfer), the medians over `--repeats`
 timings of `--steps` batches.
 
@@ -28,7 +27,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from resnet_jax import input_pipeline, train  # noqa: E402
+from resnet_jax import parallel  # noqa: E402
+from resnet_jax.data import pipeline, registry  # noqa: E402
 
 
 def load_train_split(data_dir, num_train, seed=0):
@@ -37,26 +37,18 @@ def load_train_split(data_dir, num_train, seed=0):
         config = default.get_config().data
         config.data_dir = data_dir
         config.download = False
-        dataset = input_pipeline.load_dataset(config)
+        dataset = registry.load_dataset(config)
         return dataset.train_images, dataset.train_labels
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, num_train, dtype=np.int32)
 
 
-def device_sharding(devices):
-    """The layout of a pmapped step's mapped inputs: split over `devices` along axis 0."""
-    mesh = jax.sharding.Mesh(np.array(devices), (train.AXIS,))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
-
-
 def time_batches(images, labels, *, batch_size, devices, first_step, steps, transfer):
     """Seconds for `steps` consecutive train batches from `first_step`, sent to `devices` if `transfer`."""
-    sharding = device_sharding(devices)
     start = time.perf_counter()
-    for step in range(first_step, first_step + steps):
-        batch = input_pipeline.train_batch(images, labels, step, batch_size=batch_size, seed=0, num_devices=len(devices))
-        if transfer:
-            jax.block_until_ready(jax.device_put(batch, sharding))
+    batches = pipeline.train_batches(images, labels, range(first_step, first_step + steps), batch_size=batch_size, seed=0)
+    for batch in parallel.device_batches(batches, devices) if transfer else batches:
+        jax.block_until_ready(batch)
     return time.perf_counter() - start
 
 

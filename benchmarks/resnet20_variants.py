@@ -26,7 +26,7 @@ import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import resnet20_3epochs  # noqa: E402
-from resnet_jax import models, train, workdir as workdir_lib  # noqa: E402
+from resnet_jax import loop, models, train, workdir as workdir_lib  # noqa: E402
 
 VARIANTS = ("ours", "lecun_init", "decay_all", "bn_momentum", "plain")
 
@@ -53,7 +53,7 @@ def main():
     config = resnet20_3epochs.get_config()
     config.data.data_dir, config.seed = args.data_dir, args.seed
     workdir_lib.prepare(args.workdir)
-    train.train_and_evaluate(config, args.workdir)
+    loop.train_and_evaluate(config, args.workdir)
     tests = [r for r in workdir_lib.read_metrics(os.path.join(args.workdir, "metrics.jsonl")) if r["split"] == "test"]
     print(json.dumps({"variant": args.variant, "seed": args.seed, "step": tests[-1]["step"], "test_accuracy": tests[-1]["accuracy"]}))
 

@@ -1,12 +1,12 @@
 """Training and evaluation throughput of the trainer's own pmapped steps, on synthetic data.
 
-Runs `train.Setup(...).p_train_step()` and `p_eval_step()` (the functions `run.py` trains
+Runs `train.Setup(...).parallel_train_step()` and `parallel_eval_step()` (the functions `run.py` trains
 and evaluates with, on-device augmentation included, under the XLA flags run.py sets) on
 a synthetic uint8 data set of random images (`--num-train` of them in memory, CIFAR-10's
 50,000 by default), on every local device of the current backend, and reports:
 
 * train_images_per_sec: the median over `--repeats` timings of `--steps` train steps,
-  after compilation; each step takes its batch from `train.device_batches` (host batching
+  after compilation; each step takes its batch from `Setup.train_batches` (host batching
   and a prefetched transfer), as the training loop does;
 * eval_images_per_sec: the same for the eval step, on one test batch;
 * compile_seconds: the first train step (tracing, compilation and one step);
@@ -55,7 +55,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from resnet_jax import input_pipeline, models, train  # noqa: E402
+from resnet_jax import models, parallel, train  # noqa: E402
+from resnet_jax.data import pipeline  # noqa: E402
+from resnet_jax.data.dataset import Dataset  # noqa: E402
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 INPUT_WAIT_TOLERANCE = 0.03  # fed steps this much slower than resident ones: the input side stalls the devices
@@ -86,11 +88,11 @@ def make_config(args):
 
 
 def synthetic_dataset(num_train, num_test, num_classes=10, seed=0):
-    """A CIFAR-shaped `input_pipeline.Dataset` of random uint8 images and labels."""
+    """A CIFAR-shaped `Dataset` of random uint8 images and labels."""
     rng = np.random.default_rng(seed)
     images = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
     labels = lambda n: rng.integers(0, num_classes, n, dtype=np.int32)  # noqa: E731
-    return input_pipeline.Dataset(
+    return Dataset(
         name="synthetic",
         class_names=tuple(str(i) for i in range(num_classes)),
         train_images=images(num_train),
@@ -103,15 +105,15 @@ def synthetic_dataset(num_train, num_test, num_classes=10, seed=0):
 
 
 class TrainLoop:
-    """A pmapped train step and its replicated state, fed as `train.train_and_evaluate` feeds it
-    (`train.device_batches`), or with one batch kept on the devices (`resident`): the step
+    """The parallel train step and its replicated state, fed as `loop.train_and_evaluate` feeds it
+    (`Setup.train_batches`), or with one batch kept on the devices (`resident`): the step
     alone, with no input work at all."""
 
     def __init__(self, setup, devices):
         self.setup, self.devices = setup, devices
-        self.step_fn = setup.p_train_step(devices)
-        self.state = train.replicate(setup.initial_state, devices)
-        self.batches = train.device_batches(setup.dataset, setup.config, 0, 2**31 - 1, devices)
+        self.step_fn = setup.parallel_train_step(devices)
+        self.state = parallel.replicate(setup.initial_state, devices)
+        self.batches = setup.train_batches(0, 2**31 - 1, devices)
         self.resident = next(self.batches)
 
     def run(self, steps, resident=False):
@@ -125,15 +127,14 @@ class TrainLoop:
 
 def eval_batch(setup, devices):
     """The first test batch, as evaluation builds it."""
-    return next(input_pipeline.eval_batches(
-        setup.dataset.test_images, setup.dataset.test_labels,
-        batch_size=setup.config.eval_batch_size, num_devices=len(devices),
-    ))
+    dataset = setup.dataset
+    batches = pipeline.eval_batches(dataset.test_images, dataset.test_labels, batch_size=setup.config.eval_batch_size)
+    return parallel.place_batch(next(batches), devices)
 
 
 def eval_images_per_sec(setup, devices, state, steps, repeats):
-    """Median eval images/s of `p_eval_step` over `repeats` timings of `steps` batches."""
-    step_fn = setup.p_eval_step(devices)
+    """Median eval images/s of `parallel_eval_step` over `repeats` timings of `steps` batches."""
+    step_fn = setup.parallel_eval_step(devices)
     batch_size = setup.config.eval_batch_size
     batch = eval_batch(setup, devices)
     jax.block_until_ready(step_fn(state, batch))  # Compiles.
@@ -167,8 +168,8 @@ def memory_breakdown_mb(loop):
     return {
         "data": mb(sum(a.nbytes for a in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels))),
         "train_state": mb(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(setup.initial_state))),
-        "train_step_scratch": mb(temp(setup.p_train_step(devices), loop.state, loop.resident)),
-        "eval_step_scratch": mb(temp(setup.p_eval_step(devices), loop.state, eval_batch(setup, devices))),
+        "train_step_scratch": mb(temp(setup.parallel_train_step(devices), loop.state, loop.resident)),
+        "eval_step_scratch": mb(temp(setup.parallel_eval_step(devices), loop.state, eval_batch(setup, devices))),
     }
 
 
@@ -180,10 +181,10 @@ def train_step_flops(setup, devices) -> float:
     """
     config, dataset = setup.config, setup.dataset
     state = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], setup.initial_state)
-    batch = input_pipeline.train_batch(
+    batch = pipeline.train_batch(
         dataset.train_images, dataset.train_labels, 0, batch_size=config.batch_size // len(devices), seed=config.seed
     )
-    lowered = jax.jit(jax.vmap(setup.train_step(), axis_name=train.AXIS)).lower(state, batch)
+    lowered = jax.jit(jax.vmap(setup.train_step(), axis_name=parallel.AXIS)).lower(state, batch)
     return float(lowered.cost_analysis()["flops"])
 
 

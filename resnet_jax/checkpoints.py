@@ -13,11 +13,10 @@ import sys
 from typing import Optional
 
 import flax.serialization
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_jax.errors import Error, RunFailure
+from resnet_jax.errors import Error, RunFailure, first_line
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -87,9 +86,8 @@ def _restore_step(manager, step: int, template):
     return flax.serialization.from_state_dict(template, restored)
 
 
-def _short(e: Exception, limit: int = 200) -> str:
-    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    return text if len(text) <= limit else text[:limit] + "..."
+def _short(e: Exception) -> str:
+    return first_line(e, with_type=True, limit=200)
 
 
 def _drop_failed_restore_noise() -> None:
@@ -199,11 +197,3 @@ def restore_variables(workdir: str, which: str):
         return step, {"params": restored["ema"]["params"], "batch_stats": restored["ema"]["batch_stats"]}
     return step, {"params": restored["params"], "batch_stats": restored["batch_stats"]}
 
-
-def first_replica(tree):
-    """This process's first-device copy of a replicated (pmapped) tree, as host numpy arrays.
-
-    Reads local data only: indexing `x[0]` would be a cross-process computation in a
-    multi-host run.
-    """
-    return jax.device_get(jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree))

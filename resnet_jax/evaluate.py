@@ -6,7 +6,9 @@ import os
 
 import jax
 
-from resnet_jax import checkpoints, input_pipeline, plots, train, workdir as workdir_lib
+from resnet_jax import checkpoints, loop, parallel, plots, train
+from resnet_jax import workdir as workdir_lib
+from resnet_jax.data import registry
 
 
 def restore(config, workdir: str, dataset=None):
@@ -14,7 +16,7 @@ def restore(config, workdir: str, dataset=None):
     on the host, with the data set and model it was trained with. What eval, predict and
     export start from."""
     workdir_lib.check_config(workdir, config)
-    dataset = dataset or input_pipeline.load_dataset(config.data)
+    dataset = dataset or registry.load_dataset(config.data)
     setup = train.Setup(config, dataset)
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
     state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
@@ -29,9 +31,9 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
     returns the report: the test figures at its top level, the validation ones under "validation"."""
     dataset, setup, state = restore(config, workdir, dataset)
     step = int(state.step)
-    p_eval_step, replicated = setup.p_eval_step(), train.replicate(state)
+    p_eval_step, replicated = setup.parallel_eval_step(), parallel.replicate(state)
     results = {
-        split: train.evaluate(p_eval_step, replicated, images, labels, config)
+        split: loop.evaluate(p_eval_step, replicated, images, labels, config)
         for split, images, labels in dataset.eval_splits()
     }
     result = results["test"]

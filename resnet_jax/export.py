@@ -6,7 +6,7 @@
     WORKDIR/export/model.json        class names, input format, normalisation, checkpoint step and accuracy
 
 Each maps uint8 RGB images, NHWC, of any batch size, to float32 logits: it is
-`input_pipeline.preprocess` followed by the model with `train=False` and the checkpoint's
+`pipeline.preprocess` followed by the model with `train=False` and the checkpoint's
 params and BatchNorm statistics baked in as constants. The graph computes in float32
 whatever `model.dtype` trained (XLA:CPU and onnxruntime run float32 convolutions best).
 Each export is reloaded through its own runtime and must match the Flax function on the
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import evaluate, input_pipeline, train, validation
+from resnet_jax import config_checks, evaluate, loop, parallel, train
+from resnet_jax.data import pipeline
 from resnet_jax.errors import Error, RunFailure
 
 PARITY_ATOL = 1e-4  # largest |logit difference| an export may show against the Flax model
@@ -44,7 +45,7 @@ def serving_function(model, variables, mean, std):
     """uint8 NHWC images -> float32 logits: eval's preprocessing and the model in eval mode."""
 
     def serve(images):
-        return model.apply(variables, input_pipeline.preprocess(images, mean, std, jnp.float32), train=False)
+        return model.apply(variables, pipeline.preprocess(images, mean, std, jnp.float32), train=False)
 
     return serve
 
@@ -144,17 +145,18 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     """Writes the formats `config.export_formats` names to WORKDIR/export/, each checked
     against the Flax model, and model.json beside them; returns model.json's contents
     (None on the other processes of a multi-host run)."""
-    formats = validation.export_formats(config)
+    formats = config_checks.export_formats(config)
     check_packages(formats)
     dataset, setup, state = evaluate.restore(config, workdir, dataset)
     step = int(state.step)
     # The exported function is one plain forward pass: its accuracy is measured without test-time augmentation.
-    result = train.evaluate(setup.p_eval_step(tta="none"), train.replicate(state), dataset.test_images, dataset.test_labels, config)
+    p_eval_step = setup.parallel_eval_step(tta="none")
+    result = loop.evaluate(p_eval_step, parallel.replicate(state), dataset.test_images, dataset.test_labels, config)
     if jax.process_index() != 0:  # Every process evaluates; one writes.
         return None
     logging.info("exporting the checkpoint at step %d (test accuracy %.4f) as %s", step, result["accuracy"], ", ".join(formats))
 
-    mean, std = input_pipeline.normalization(config.data, dataset)
+    mean, std = pipeline.normalization(config.data, dataset)
     model = setup.model.clone(dtype=jnp.float32, axis_name=None)
     serve = serving_function(model, train.eval_variables(state), mean, std)
     image_shape = tuple(dataset.test_images.shape[1:])

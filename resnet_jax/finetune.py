@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from resnet_jax import checkpoints, convert, models
-from resnet_jax.errors import Error
+from resnet_jax.errors import Error, first_line
 
 HEAD = ("params", "head")
 COLLECTIONS = ("params", "batch_stats")
@@ -38,7 +38,7 @@ def read_state_dict(path: str) -> dict:
         try:
             return load_file(path)
         except Exception as e:  # safetensors raises its own SafetensorError on a bad header.
-            raise Error(f"cannot read the safetensors file {path}: {_first_line(e)}") from None
+            raise Error(f"cannot read the safetensors file {path}: {first_line(e)}") from None
     try:
         import torch
     except ImportError:
@@ -50,16 +50,11 @@ def read_state_dict(path: str) -> dict:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # An UnpicklingError for objects weights_only refuses, or a corrupt file.
         raise Error(
-            f"cannot read {path} as a state_dict of tensors with torch.load(weights_only=True): {_first_line(e)}"
+            f"cannot read {path} as a state_dict of tensors with torch.load(weights_only=True): {first_line(e)}"
         ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise Error(f"{path} holds a {type(state_dict).__name__}, not a state_dict (a dict of parameter name -> tensor)")
     return {k: convert.to_numpy(v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def read_source(config, model) -> Tuple[str, dict]:

@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resnet_jax import image_folder, models, train
+from resnet_jax import models, train
+from resnet_jax.data import registry
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-IMAGE_SHAPE = (32, 32, 3)
 WIDTH = 160  # characters: wide enough that rich does not abbreviate the shapes
 
 
@@ -27,11 +26,8 @@ def forward_flops(model, variables, image) -> int:
 
 def summarize(config) -> str:
     """Flax's table of `config`'s model on one image, then its parameter and FLOP totals."""
-    if config.data.name == "folder":  # The class folders' names only: no image is read.
-        num_classes = len(image_folder.class_names(config.data.folder))
-        image_shape = (config.data.image_size, config.data.image_size, 3)
-    else:
-        num_classes, image_shape = NUM_CLASSES[config.data.name], IMAGE_SHAPE
+    source = registry.DATASETS[config.data.name]  # An image folder's class folders are listed; no image is read.
+    num_classes, image_shape = source.num_classes(config.data), source.image_shape(config.data)
     model = train.create_model(config, num_classes)
     image = jnp.zeros((1,) + image_shape, jnp.float32)
     rng = jax.random.key(0)

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from resnet_jax import tfds_writer  # noqa: E402
+from resnet_jax.data import tfds_writer  # noqa: E402
 
 # CIFAR-10's real images (JPEG folders, .tar.xz): the tests' data sets are made of them where the
 # archive exists (this repository's workplace keeps it in ../shared/data), and of the writer's

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
-from resnet_jax import train, validation
+from resnet_jax import config_checks, train
 from resnet_jax.errors import Error
 
 CONFIG_NAMES = sorted(
@@ -28,9 +28,9 @@ def test_the_configs_the_readme_promises_exist():
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_loads_and_validates(name):
     config = load(name)
-    validation.validate(config, device_count=1)
+    config_checks.validate(config, device_count=1)
     if config.batch_size % 8 == 0:
-        validation.validate(config, device_count=8)
+        config_checks.validate(config, device_count=8)
 
 
 def test_flagship_and_he_recipes():

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from configs import smoke
-from resnet_jax import checkpoints, export, input_pipeline, models, train, validation
+from resnet_jax import checkpoints, config_checks, export, models, train
+from resnet_jax.data import registry
 from resnet_jax.errors import Error, RunFailure
 from test_predict import smoke_run_workdir
 
@@ -29,7 +30,7 @@ def config(tiny_data_dir):
 
 @pytest.fixture(scope="module")
 def dataset(config):
-    return input_pipeline.load_dataset(config.data)
+    return registry.load_dataset(config.data)
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +132,10 @@ def test_formats_are_validated_and_missing_packages_named(monkeypatch):
     config = smoke.get_config()
     config.export_formats = "onnx,tflite"
     with pytest.raises(Error, match=r"export_formats='tflite' is not one of: stablehlo, onnx, savedmodel"):
-        validation.validate(config, device_count=1)
+        config_checks.validate(config, device_count=1)
     config.export_formats = " , "
     with pytest.raises(Error, match="names no format"):
-        validation.validate(config, device_count=1)
+        config_checks.validate(config, device_count=1)
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None)
     export.check_packages(["stablehlo"])
     with pytest.raises(Error, match=r"exporting onnx needs jax2onnx and onnxruntime: pip install -c constraints.txt -e '\.\[export\]'"):

@@ -12,7 +12,8 @@ from safetensors.numpy import save_file
 
 from conftest import CIFAR10_ARCHIVE, run_cli
 from configs import smoke
-from resnet_jax import convert, finetune, input_pipeline, models, train, workdir as workdir_lib
+from resnet_jax import convert, finetune, models, train, workdir as workdir_lib
+from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import Error
 from test_image_folder import make_folder
 
@@ -21,12 +22,12 @@ RECIPE = ("--config.num_train_steps=20", "--config.learning_rate=0.02", "--confi
           "--config.warmup_epochs=0", "--config.eval_every_epochs=100", "--config.log_every_steps=10")
 
 
-def fake_dataset(num_classes: int, size: int = 32) -> input_pipeline.Dataset:
+def fake_dataset(num_classes: int, size: int = 32) -> Dataset:
     """Shapes and class names only: enough for train.Setup."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     labels = np.arange(64, dtype=np.int32) % num_classes
-    return input_pipeline.Dataset("fake", tuple(f"c{i}" for i in range(num_classes)), images, labels, images, labels,
+    return Dataset("fake", tuple(f"c{i}" for i in range(num_classes)), images, labels, images, labels,
                                   np.full(3, 127.0, np.float32), np.full(3, 64.0, np.float32))
 
 

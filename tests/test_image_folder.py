@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import CIFAR10_ARCHIVE, run_cli
 from configs import smoke
-from resnet_jax import image_folder, input_pipeline, summary, tfds_writer, validation
+from resnet_jax import config_checks, summary
+from resnet_jax.data import folder, registry, tfds_writer
 from resnet_jax.errors import Error
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +62,7 @@ def test_a_folder_loads_as_a_data_set(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "pets" / "train" / "dog" / "exact.PNG")
     (tmp_path / "pets" / "train" / "cat" / "notes.txt").write_text("not an image: ignored")
-    dataset = input_pipeline.load_dataset(folder_config(root).data)
+    dataset = registry.load_dataset(folder_config(root).data)
     assert dataset.class_names == ("cat", "dog")  # sorted folder names
     assert dataset.train_images.shape == (13, 32, 32, 3) and dataset.train_images.dtype == np.uint8
     assert dataset.test_images.shape == (6, 32, 32, 3)
@@ -69,7 +70,7 @@ def test_a_folder_loads_as_a_data_set(tmp_path):
     np.testing.assert_array_equal(dataset.test_labels, [0] * 3 + [1] * 3)
     assert any(np.array_equal(image, pixels) for image in dataset.train_images)  # a 32x32 PNG is kept as is
     np.testing.assert_allclose(dataset.mean, dataset.train_images.reshape(-1, 3).mean(0), rtol=1e-5)
-    small = input_pipeline.load_dataset(folder_config(root, image_size=20).data)
+    small = registry.load_dataset(folder_config(root, image_size=20).data)
     assert small.train_images.shape == (13, 20, 20, 3)
 
 
@@ -96,7 +97,7 @@ def test_folder_mistakes_are_one_line_naming_the_path(tmp_path, problem):
             f.write(b"\xff\xd8\xff\xe0 truncated")
         expected = f"cannot use image {os.path.join(root, 'test', 'dog', '0000.jpg')}: "
     with pytest.raises(Error) as raised:
-        input_pipeline.load_dataset(folder_config(root).data)
+        registry.load_dataset(folder_config(root).data)
     assert expected in str(raised.value) and "\n" not in str(raised.value)
 
 
@@ -113,14 +114,14 @@ def test_the_cli_reports_a_folder_mistake_in_one_line(tmp_path):
 def test_validation_needs_the_folder(tmp_path):
     config = folder_config(None)
     with pytest.raises(Error, match="data.name=folder needs --config.data.folder=DIR"):
-        validation.validate(config, device_count=1)
+        config_checks.validate(config, device_count=1)
     config = folder_config(tmp_path, image_size=0)
     with pytest.raises(Error, match="data.image_size must be positive"):
-        validation.validate(config, device_count=1)
+        config_checks.validate(config, device_count=1)
 
 
 def test_summary_reads_only_the_class_names(tmp_path):
     root = make_folder(tmp_path / "data", ["bird", "frog", "ship"], train=1, test=1)
     text = summary.summarize(folder_config(root, image_size=24))
     assert "for folder (3 classes" in text and "per 24x24 image" in text
-    assert image_folder.class_names(root) == ("bird", "frog", "ship")
+    assert folder.class_names(root) == ("bird", "frog", "ship")

@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import run_cli
 from configs import resnet18, resnet20, smoke
-from resnet_jax import checkpoints, input_pipeline, models, predict, summary, train
+from resnet_jax import checkpoints, models, predict, summary, train
+from resnet_jax.data import images, registry
 from resnet_jax.errors import Error
 
 _smoke_runs = {}  # data_dir -> workdir
@@ -44,7 +45,7 @@ def config(tiny_data_dir):
 
 @pytest.fixture(scope="module")
 def dataset(config):
-    return input_pipeline.load_dataset(config.data)
+    return registry.load_dataset(config.data)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def predict_args(workdir, data_dir, *paths):
 
 def test_a_cifar_png_round_trips_exactly(dataset, tmp_path):
     (path,) = save_pngs(dataset, [0], tmp_path)
-    np.testing.assert_array_equal(predict.load_image(path), dataset.test_images[0])
+    np.testing.assert_array_equal(images.load_image(path), dataset.test_images[0])
 
 
 def test_transparency_is_composited_on_white(tmp_path):
@@ -115,17 +116,17 @@ def test_transparency_is_composited_on_white(tmp_path):
         (palette, {"transparency": 1}, (255, 255, 255)),
         (palette, {}, (10, 20, 30)),
     ):
-        pixels = predict.load_image(save(image, tmp_path, **kwargs))
+        pixels = images.load_image(save(image, tmp_path, **kwargs))
         assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
         np.testing.assert_allclose(pixels, np.broadcast_to(expected, (32, 32, 3)), atol=1)
 
 
 def test_grayscale_and_16_bit_grayscale_become_rgb(tmp_path):
-    gray = predict.load_image(save(Image.new("L", (32, 32), 100), tmp_path, "gray.png"))
+    gray = images.load_image(save(Image.new("L", (32, 32), 100), tmp_path, "gray.png"))
     assert (gray == 100).all()
     sixteen = np.full((32, 32), 128 * 257, np.uint16)
     sixteen[:, 16:] = 65535
-    pixels = predict.load_image(save(Image.fromarray(sixteen), tmp_path, "sixteen.png"))
+    pixels = images.load_image(save(Image.fromarray(sixteen), tmp_path, "sixteen.png"))
     assert (pixels[:, :16] == 128).all() and (pixels[:, 16:] == 255).all()  # scaled, not clipped at 255
 
 
@@ -133,7 +134,7 @@ def test_a_wide_photo_is_center_cropped_then_resized(tmp_path):
     pixels = np.zeros((320, 960, 3), np.uint8)
     pixels[..., 2] = 255  # blue sides
     pixels[:, 320:640] = (255, 0, 0)  # a red square in the middle
-    result = predict.load_image(save(Image.fromarray(pixels), tmp_path, "wide.jpg", quality=95))
+    result = images.load_image(save(Image.fromarray(pixels), tmp_path, "wide.jpg", quality=95))
     assert result.shape == (32, 32, 3)
     assert (np.abs(result[:, 2:-2].astype(int) - (255, 0, 0)) <= 8).all()
 
@@ -144,7 +145,7 @@ def test_exif_orientation_is_applied(tmp_path):
     pixels[16:] = (0, 0, 255)
     exif = Image.Exif()
     exif[0x0112] = 3  # ...shown rotated by 180 degrees: blue on top
-    result = predict.load_image(save(Image.fromarray(pixels), tmp_path, "photo.jpg", exif=exif, quality=95))
+    result = images.load_image(save(Image.fromarray(pixels), tmp_path, "photo.jpg", exif=exif, quality=95))
     assert result[2, :, 2].min() > 200 and result[-3, :, 0].min() > 200
 
 
@@ -157,14 +158,14 @@ def test_decompression_bombs_are_refused(tmp_path, width, height, message):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header(width, height))
     with pytest.raises(Error, match=re.escape(message)):
-        predict.load_image(str(path))
+        images.load_image(str(path))
 
 
 def test_the_pixel_limit_is_a_module_constant(tmp_path, monkeypatch):
     path = save(Image.new("RGB", (64, 64)), tmp_path)
-    monkeypatch.setattr(predict, "MAX_PIXELS", 4095)
+    monkeypatch.setattr(images, "MAX_PIXELS", 4095)
     with pytest.raises(Error, match="64x64 pixels is over the limit of 4,095"):
-        predict.load_image(path)
+        images.load_image(path)
 
 
 def test_files_that_are_not_images_say_why(tmp_path):
@@ -177,7 +178,7 @@ def test_files_that_are_not_images_say_why(tmp_path):
     for path, message in ((text, "not an image file"), (truncated, "cannot read the image"),
                           (tmp_path / "missing.png", "No such file or directory"), (tmp_path, "Is a directory")):
         with pytest.raises(Error, match=message):
-            predict.load_image(str(path))
+            images.load_image(str(path))
 
 
 # ------------------------------------------------------------------------ --mode predict

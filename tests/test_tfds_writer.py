@@ -8,13 +8,13 @@ import pytest
 
 from conftest import CIFAR10_ARCHIVE, ROOT
 from configs import default
-from resnet_jax import input_pipeline, tfds_writer
+from resnet_jax.data import registry, tfds_writer
 
 
 def load(data_dir, name):
     config = default.get_config().data
     config.update(name=name, data_dir=str(data_dir), download=False)
-    return input_pipeline.load_dataset(config)
+    return registry.load_dataset(config)
 
 
 def test_written_data_set_reads_back_exactly_through_the_tfds_pipeline(tmp_path):

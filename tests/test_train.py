@@ -17,7 +17,9 @@ import pytest
 
 from conftest import ROOT, run_cli
 from configs import smoke
-from resnet_jax import checkpoints, input_pipeline, train
+from resnet_jax import checkpoints, parallel, train
+from resnet_jax.data import registry
+from resnet_jax.data.dataset import Dataset
 from resnet_jax.workdir import read_metrics
 
 
@@ -25,7 +27,7 @@ def synthetic_dataset(n=256, classes=10):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, classes, n).astype(np.int32)
-    return input_pipeline.Dataset(
+    return Dataset(
         name="synthetic", class_names=tuple(map(str, range(classes))),
         train_images=images, train_labels=labels, test_images=images[:100], test_labels=labels[:100],
         mean=np.full(3, 120.0, np.float32), std=np.full(3, 60.0, np.float32),
@@ -34,13 +36,13 @@ def synthetic_dataset(n=256, classes=10):
 
 def run_steps(config, dataset, num_devices, steps=3):
     """The state after `steps` prefetched, pmapped steps on `num_devices` devices, checking first
-    that every device holds the same one (`first_replica` reads device 0 only: a missing pmean
+    that every device holds the same one (`unreplicate` reads device 0 only: a missing pmean
     would go unnoticed otherwise)."""
     devices = jax.local_devices()[:num_devices]
     setup = train.Setup(config, dataset)
-    state = train.replicate(setup.initial_state, devices=devices)
-    p_train_step = setup.p_train_step(devices=devices)
-    for batch in train.device_batches(dataset, config, 0, steps, devices):
+    state = parallel.replicate(setup.initial_state, devices=devices)
+    p_train_step = setup.parallel_train_step(devices=devices)
+    for batch in setup.train_batches(0, steps, devices):
         state = p_train_step(state, batch)
     for name in ("params", "batch_stats", "opt_state", "ema"):
         for leaf in jax.tree_util.tree_leaves(getattr(state, name)):
@@ -48,7 +50,7 @@ def run_steps(config, dataset, num_devices, steps=3):
             assert len(replicas) == num_devices
             for replica in replicas[1:]:
                 np.testing.assert_array_equal(replica, replicas[0], err_msg=name)
-    return checkpoints.first_replica(state)
+    return parallel.unreplicate(state)
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +149,10 @@ def test_resnet9_learns_a_repeated_batch():
     dataset = synthetic_dataset(n=32)  # one batch, seen every step
     devices = jax.local_devices()[:1]
     setup = train.Setup(config, dataset)
-    state = train.replicate(setup.initial_state, devices=devices)
-    p_train_step = setup.p_train_step(devices=devices)
+    state = parallel.replicate(setup.initial_state, devices=devices)
+    p_train_step = setup.parallel_train_step(devices=devices)
     loss_sums = []
-    for batch in train.device_batches(dataset, config, 0, 8, devices):
+    for batch in setup.train_batches(0, 8, devices):
         state = p_train_step(state, batch)
         loss_sums.append(float(state.train_metrics["loss"][0]))
     losses = np.diff(loss_sums, prepend=0.0)  # the train metrics hold running sums
@@ -188,7 +190,7 @@ def trained(tiny_data_dir, tmp_path_factory):
 def final_state(workdir, data_dir):
     config = smoke.get_config()
     config.data.data_dir, config.ema_decay = data_dir, 0.9
-    setup = train.Setup(config, input_pipeline.load_dataset(config.data))
+    setup = train.Setup(config, registry.load_dataset(config.data))
     manager = checkpoints.create_manager(str(workdir), 3, read_only=True)
     return checkpoints.restore_latest(manager, setup.initial_state)
 

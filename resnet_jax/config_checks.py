@@ -2,7 +2,8 @@
 
 import jax
 
-from resnet_jax import input_pipeline, models, train
+from resnet_jax import models, train
+from resnet_jax.data import pipeline, registry
 from resnet_jax.errors import Error
 
 EXPORT_FORMATS = ("stablehlo", "onnx", "savedmodel")
@@ -31,12 +32,12 @@ def validate(config, device_count: int = None) -> None:
     _choice("model.dtype", config.model.dtype, DTYPES)
     if config.model.num_filters is not None:
         _positive(config, "model.num_filters")
-    _choice("data.name", config.data.name, input_pipeline.DATASETS)
+    _choice("data.name", config.data.name, tuple(registry.DATASETS))
     if config.data.name == "folder" and not config.data.folder:
         raise Error("--config.data.name=folder needs --config.data.folder=DIR (holding train/<class>/ and test/<class>/ images)")
     _positive(config, "data.image_size")
-    _choice("data.padding_mode", config.data.padding_mode, tuple(input_pipeline.PADDING_MODES))
-    _choice("data.normalization", config.data.normalization, input_pipeline.NORMALIZATIONS)
+    _choice("data.padding_mode", config.data.padding_mode, tuple(pipeline.PADDING_MODES))
+    _choice("data.normalization", config.data.normalization, pipeline.NORMALIZATIONS)
     if config.data.crop_padding < 0 or config.data.cutout < 0 or config.data.validation_examples < 0:
         raise Error("--config.data.crop_padding, data.cutout and data.validation_examples must be >= 0")
     _choice("schedule", config.schedule, train.SCHEDULES)

@@ -1,4 +1,4 @@
-"""The input pipeline on real-format tfds data: reading, batching, sharding, augmentation, errors."""
+"""The data layer on real-format tfds data: reading, batching, sharding, augmentation, errors."""
 
 import os
 import socket
@@ -14,7 +14,9 @@ import pytest
 
 from conftest import CIFAR10_ARCHIVE, ROOT
 from configs import default
-from resnet_jax import input_pipeline
+from resnet_jax import parallel
+from resnet_jax.data import pipeline, registry
+from resnet_jax.data.dataset import channel_stats, validation_indices
 from resnet_jax.errors import Error
 
 
@@ -27,7 +29,7 @@ def data_config(data_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def dataset(small_data_dir):
-    return input_pipeline.load_dataset(data_config(small_data_dir))
+    return registry.load_dataset(data_config(small_data_dir))
 
 
 def test_loads_both_splits_as_uint8_with_names_and_stats(dataset):
@@ -45,8 +47,8 @@ def test_loads_both_splits_as_uint8_with_names_and_stats(dataset):
 
 
 def test_validation_split_is_fixed_balanced_and_disjoint_from_training(dataset, small_data_dir):
-    held = input_pipeline.load_dataset(data_config(small_data_dir, validation_examples=205))
-    again = input_pipeline.load_dataset(data_config(small_data_dir, validation_examples=205))
+    held = registry.load_dataset(data_config(small_data_dir, validation_examples=205))
+    again = registry.load_dataset(data_config(small_data_dir, validation_examples=205))
     np.testing.assert_array_equal(held.validation_images, again.validation_images)
     # Class-balanced: 205 = 10 x 20 + 5, the first five classes one more.
     assert np.bincount(held.validation_labels, minlength=10).tolist() == [21] * 5 + [20] * 5
@@ -58,44 +60,44 @@ def test_validation_split_is_fixed_balanced_and_disjoint_from_training(dataset, 
     assert [name for name, *_ in held.eval_splits()] == ["validation", "test"]
     assert [name for name, *_ in dataset.eval_splits()] == ["test"]
     # Normalisation statistics come from what is trained on.
-    np.testing.assert_allclose(held.mean, input_pipeline.channel_stats(held.train_images)[0])
+    np.testing.assert_allclose(held.mean, channel_stats(held.train_images)[0])
     # Not drawn from config.seed or anything of the device layout: a function of the labels and N only.
     labels = dataset.train_labels
-    np.testing.assert_array_equal(input_pipeline.validation_indices(labels, 205, 10),
-                                  input_pipeline.validation_indices(labels.copy(), 205, 10))
+    np.testing.assert_array_equal(validation_indices(labels, 205, 10),
+                                  validation_indices(labels.copy(), 205, 10))
     with pytest.raises(Error, match="asks for 201 examples of class 0, but the train split has 200"):
-        input_pipeline.validation_indices(labels, 2010, 10)
+        validation_indices(labels, 2010, 10)
 
 
 def test_channel_stats_match_numpy():
     images = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
-    mean, std = input_pipeline.channel_stats(images)
+    mean, std = channel_stats(images)
     np.testing.assert_allclose(mean, images.reshape(-1, 3).mean(0), rtol=1e-6)
     np.testing.assert_allclose(std, images.reshape(-1, 3).std(0), rtol=1e-5)
 
 
 def test_train_batches_are_a_pure_function_of_seed_and_step():
     kw = dict(num_examples=1000, batch_size=64, seed=3)
-    first = input_pipeline.train_indices(5, **kw)
-    input_pipeline._permutation.cache_clear()
-    np.testing.assert_array_equal(input_pipeline.train_indices(5, **kw), first)  # as after a restore
-    assert not np.array_equal(input_pipeline.train_indices(6, **kw), first)
-    assert not np.array_equal(input_pipeline.train_indices(5, **{**kw, "seed": 4}), first)
+    first = pipeline.train_indices(5, **kw)
+    pipeline._permutation.cache_clear()
+    np.testing.assert_array_equal(pipeline.train_indices(5, **kw), first)  # as after a restore
+    assert not np.array_equal(pipeline.train_indices(6, **kw), first)
+    assert not np.array_equal(pipeline.train_indices(5, **{**kw, "seed": 4}), first)
     # An epoch (15 steps of 64 from 1000) visits distinct examples and drops the remainder.
-    epoch = np.concatenate([input_pipeline.train_indices(s, **kw) for s in range(15)])
+    epoch = np.concatenate([pipeline.train_indices(s, **kw) for s in range(15)])
     assert len(np.unique(epoch)) == 15 * 64
     # The next epoch is a different order.
-    assert not np.array_equal(input_pipeline.train_indices(15, **kw), input_pipeline.train_indices(0, **kw))
+    assert not np.array_equal(pipeline.train_indices(15, **kw), pipeline.train_indices(0, **kw))
 
 
 def test_resumed_stream_equals_the_uninterrupted_one():
     images = np.arange(300 * 2 * 2 * 1, dtype=np.uint8).reshape(300, 2, 2, 1)
     labels = np.arange(300, dtype=np.int32)
-    kw = dict(batch_size=32, seed=0, num_devices=8)
-    uninterrupted = [input_pipeline.train_batch(images, labels, s, **kw) for s in range(20)]
-    input_pipeline._permutation.cache_clear()  # a fresh process restored at step 13
+    kw = dict(batch_size=32, seed=0)
+    uninterrupted = [parallel.shard(pipeline.train_batch(images, labels, s, **kw), 8) for s in range(20)]
+    pipeline._permutation.cache_clear()  # a fresh process restored at step 13
     for step in range(13, 20):
-        resumed = input_pipeline.train_batch(images, labels, step, **kw)
+        resumed = parallel.shard(pipeline.train_batch(images, labels, step, **kw), 8)
         for key in resumed:
             np.testing.assert_array_equal(resumed[key], uninterrupted[step][key])
 
@@ -105,16 +107,17 @@ def test_process_slices_are_disjoint_and_complete():
     images = np.zeros((1000, 1, 1, 1), np.uint8)
     for processes in (1, 2, 4):
         parts = [
-            input_pipeline.train_batch(
-                images, labels, 7, batch_size=64, seed=1, process_index=p, process_count=processes,
-                num_devices=8 // processes,
+            parallel.shard(
+                pipeline.train_batch(images, labels, 7, batch_size=64, seed=1,
+                                     part=parallel.process_slice(64, p, processes)),
+                8 // processes,
             )
             for p in range(processes)
         ]
         for part in parts:
             assert part["label"].shape == (8 // processes, 8)
         got = np.concatenate([p["label"].reshape(-1) for p in parts])
-        np.testing.assert_array_equal(got, input_pipeline.train_indices(7, num_examples=1000, batch_size=64, seed=1))
+        np.testing.assert_array_equal(got, pipeline.train_indices(7, num_examples=1000, batch_size=64, seed=1))
         np.testing.assert_array_equal(np.concatenate([p["position"].reshape(-1) for p in parts]), np.arange(64))
 
 
@@ -125,9 +128,8 @@ def test_eval_sees_every_example_exactly_once(processes, devices):
     images = np.zeros((n, 1, 1, 1), np.uint8)
     seen = []
     for p in range(processes):
-        for batch in input_pipeline.eval_batches(
-            images, labels, batch_size=80, process_index=p, process_count=processes, num_devices=devices
-        ):
+        for batch in pipeline.eval_batches(images, labels, batch_size=80, part=parallel.process_slice(80, p, processes)):
+            batch = parallel.shard(batch, devices)
             assert batch["image"].shape[:2] == (devices, 80 // processes // devices)
             seen.extend(batch["label"][batch["mask"] == 1].tolist())
     assert sorted(seen) == list(range(n))
@@ -140,7 +142,7 @@ def known_images(n=6, size=8):
 @pytest.mark.parametrize("mode", ["zero", "reflect"])
 def test_crop_is_a_window_of_the_padded_image_and_flip_mirrors_it(mode):
     images = known_images()
-    out, keep = input_pipeline.augment(
+    out, keep = pipeline.augment(
         jax.random.key(0), images, jnp.arange(6), crop_padding=2, padding_mode=mode
     )
     assert out.dtype == jnp.uint8 and out.shape == images.shape
@@ -164,19 +166,19 @@ def test_augmentation_depends_on_position_not_on_device_layout():
     images = known_images(8)
     positions = jnp.arange(8)
     key = jax.random.key(42)
-    whole, _ = input_pipeline.augment(key, images, positions)
-    halves = [input_pipeline.augment(key, images[s], positions[s])[0] for s in (slice(0, 4), slice(4, 8))]
+    whole, _ = pipeline.augment(key, images, positions)
+    halves = [pipeline.augment(key, images[s], positions[s])[0] for s in (slice(0, 4), slice(4, 8))]
     np.testing.assert_array_equal(whole, np.concatenate(halves))
     # Identical images at different positions are augmented differently.
     same = jnp.broadcast_to(images[:1], images.shape)
-    out, _ = input_pipeline.augment(key, same, positions)
+    out, _ = pipeline.augment(key, same, positions)
     assert len({np.asarray(o).tobytes() for o in out}) > 1
 
 
 def test_cutout_erases_a_square_after_normalisation():
     images = jnp.full((4, 16, 16, 3), 200, jnp.uint8)
     config = ml_collections.ConfigDict(dict(crop_padding=0, padding_mode="zero", cutout=6))
-    out = input_pipeline.preprocess(
+    out = pipeline.preprocess(
         images, [100.0] * 3, [50.0] * 3, jnp.float32, key=jax.random.key(0), positions=jnp.arange(4), data_config=config
     )
     for x in np.asarray(out):
@@ -187,7 +189,7 @@ def test_cutout_erases_a_square_after_normalisation():
 
 def test_preprocess_normalises_and_follows_the_dtype():
     images = jnp.full((2, 4, 4, 3), 255, jnp.uint8)
-    out = input_pipeline.preprocess(images, [127.5] * 3, [127.5] * 3, jnp.bfloat16)
+    out = pipeline.preprocess(images, [127.5] * 3, [127.5] * 3, jnp.bfloat16)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), 1.0)
 
@@ -198,7 +200,7 @@ def test_missing_data_offline_fails_fast_with_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     with pytest.raises(Error) as e:
-        input_pipeline.load_dataset(data_config(str(tmp_path)))
+        registry.load_dataset(data_config(str(tmp_path)))
     message = str(e.value)
     assert "\n" not in message
     assert "cifar10 3.0.2 is not prepared in " + str(tmp_path) in message
@@ -209,7 +211,7 @@ def test_missing_data_offline_fails_fast_with_one_line(tmp_path, monkeypatch):
 
 def test_missing_data_without_download(tmp_path):
     with pytest.raises(Error, match="not prepared in .*data.download is False"):
-        input_pipeline.load_dataset(data_config(str(tmp_path), download=False))
+        registry.load_dataset(data_config(str(tmp_path), download=False))
 
 
 def test_truncated_record_files_give_a_clear_error(small_data_dir, tmp_path):
@@ -220,7 +222,7 @@ def test_truncated_record_files_give_a_clear_error(small_data_dir, tmp_path):
     shard = copy / "cifar10" / "3.0.2" / "cifar10-train.array_record-00000-of-00001"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     with pytest.raises(Error, match="train split of cifar10 .*(truncated or corrupt)"):
-        input_pipeline.load_dataset(data_config(str(copy)))
+        registry.load_dataset(data_config(str(copy)))
 
 
 def test_unreadable_data_dir_gives_a_clear_error(small_data_dir, tmp_path):
@@ -231,7 +233,7 @@ def test_unreadable_data_dir_gives_a_clear_error(small_data_dir, tmp_path):
     shard = copy / "cifar10" / "3.0.2" / "cifar10-test.array_record-00000-of-00001"
     shard.unlink()
     with pytest.raises(Error, match="test split of cifar10"):
-        input_pipeline.load_dataset(data_config(str(copy)))
+        registry.load_dataset(data_config(str(copy)))
 
 
 @pytest.mark.slow
@@ -241,17 +243,17 @@ def test_training_on_array_record_data_never_imports_tensorflow(small_data_dir):
         import sys
         sys.path.insert(0, {ROOT!r})
         import jax
-        from flax import jax_utils
         from configs import smoke
-        from resnet_jax import input_pipeline, train
+        from resnet_jax import parallel, train
+        from resnet_jax.data import pipeline, registry
         config = smoke.get_config()
         config.data.data_dir = {small_data_dir!r}
-        dataset = input_pipeline.load_dataset(config.data)
+        dataset = registry.load_dataset(config.data)
         setup = train.Setup(config, dataset)
-        state = jax_utils.replicate(setup.initial_state)
-        batch = input_pipeline.train_batch(dataset.train_images, dataset.train_labels, 0,
-            batch_size=config.batch_size, seed=0, num_devices=jax.local_device_count())
-        state = setup.p_train_step()(state, batch)
+        state = parallel.replicate(setup.initial_state)
+        batch = parallel.place_batch(pipeline.train_batch(dataset.train_images, dataset.train_labels, 0,
+            batch_size=config.batch_size, seed=0))
+        state = setup.parallel_train_step()(state, batch)
         jax.block_until_ready(state)
         print("tensorflow" in sys.modules, jax.local_device_count())
         """

@@ -3,21 +3,22 @@
     DIR/train/<class>/*.png|jpg|jpeg
     DIR/test/<class>/*.png|jpg|jpeg
 
-Every image is decoded once, with Pillow, the way `--mode predict` reads a file (EXIF
+Every image is decoded once by `images.load_image`, as `--mode predict` reads a file (EXIF
 orientation, transparency on white, the centred largest square, Lanczos to
 `data.image_size`), into the same in-memory uint8 arrays as a tfds split: everything
 after loading (batching, augmentation, normalisation, eval, predict, export) is unchanged.
-Class names are the folder names, sorted: label i is the i-th name.
+Class names are the folder names, sorted: label i is the i-th name. Images are decoded in
+one thread: two were no faster (README, "Your own images").
 """
 
 import os
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from resnet_jax.data import dataset, images
 from resnet_jax.errors import Error
 
-SPLITS = ("train", "test")
 EXTENSIONS = (".png", ".jpg", ".jpeg")  # what tfds's ImageFolder reads, too
 
 
@@ -39,10 +40,8 @@ def _image_files(folder: str) -> List[str]:
 
 
 def _decode(path: str, size: int) -> np.ndarray:
-    from resnet_jax import predict  # predict imports the input pipeline, which imports this module lazily.
-
     try:
-        return predict.load_image(path, size)
+        return images.load_image(path, size)
     except Error as e:
         raise Error(f"cannot use image {path}: {e}; fix or remove the file") from None
 
@@ -54,42 +53,28 @@ def read_split(root: str, split: str, names, size: int) -> Tuple[np.ndarray, np.
         files = _image_files(os.path.join(root, split, name))
         paths += files
         labels += [label] * len(files)
-    # One thread: ~5,000 CIFAR-sized JPEGs or ~200 640x480 photos a second on this 2-core
-    # machine; two threads were no faster.
     return np.stack([_decode(p, size) for p in paths]), np.asarray(labels, np.int32)
 
 
-def class_names(root: str) -> Tuple[str, ...]:
-    """The class folder names of `root`, sorted; the same in both splits or an Error."""
+def class_names(root: str, splits: Sequence[str] = dataset.SPLITS) -> Tuple[str, ...]:
+    """The class folder names of `root`, sorted; the same in every split or an Error."""
     if not os.path.isdir(root):
         raise Error(f"--config.data.folder={root!r} is not a folder; it needs train/<class>/ and test/<class>/ images")
-    classes = {split: _class_folders(root, split) for split in SPLITS}
-    if classes["train"] != classes["test"]:
-        only_train = sorted(set(classes["train"]) - set(classes["test"]))
-        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+    classes = {split: _class_folders(root, split) for split in splits}
+    train, test = splits
+    if classes[train] != classes[test]:
+        only_train = sorted(set(classes[train]) - set(classes[test]))
+        only_test = sorted(set(classes[test]) - set(classes[train]))
         raise Error(
-            f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ "
+            f"the class folders of {os.path.join(root, train)} and {os.path.join(root, test)} differ "
             f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'}); "
             f"both splits need the same classes"
         )
-    return tuple(classes["train"])
+    return tuple(classes[train])
 
 
-def load(data_config):
-    """Both splits of the folder `data_config.folder` as an input_pipeline.Dataset."""
-    from resnet_jax import input_pipeline
-
-    names = class_names(data_config.folder)
-    train_images, train_labels = read_split(data_config.folder, "train", names, data_config.image_size)
-    test_images, test_labels = read_split(data_config.folder, "test", names, data_config.image_size)
-    mean, std = input_pipeline.channel_stats(train_images)
-    return input_pipeline.Dataset(
-        name="folder",
-        class_names=names,
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        mean=mean,
-        std=std,
-    )
+def load(data_config, splits: Sequence[str] = dataset.SPLITS) -> dataset.Dataset:
+    """The `splits` (train, then test) of the folder `data_config.folder` as a Dataset."""
+    names = class_names(data_config.folder, splits)
+    train, test = (read_split(data_config.folder, split, names, data_config.image_size) for split in splits)
+    return dataset.from_splits("folder", names, train, test)

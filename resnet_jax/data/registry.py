@@ -1,0 +1,44 @@
+"""The data sets `data.name` can name, and what the rest of the package knows of each before
+loading it: its loader, its number of classes, its image shape and its split names.
+
+A new data set is one entry here (and, for a new kind of source, one module beside
+`tfds_source` and `folder`): config checks, `--mode summary` and training all read this table.
+"""
+
+import dataclasses
+from typing import Callable, Tuple
+
+from resnet_jax.data import dataset, folder, tfds_source
+
+CIFAR_SHAPE = (32, 32, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    load: Callable  # (data_config, splits) -> dataset.Dataset, both splits in host memory
+    num_classes: Callable  # data_config -> int, read without decoding any image
+    image_shape: Callable  # data_config -> (height, width, channels) of the loaded images
+    splits: Tuple[str, str] = dataset.SPLITS  # the split trained on, then the one evaluated
+
+
+def _tfds(num_classes: int) -> Source:
+    return Source(load=tfds_source.load, num_classes=lambda _: num_classes, image_shape=lambda _: CIFAR_SHAPE)
+
+
+DATASETS = {
+    "cifar10": _tfds(10),
+    "cifar100": _tfds(100),
+    "folder": Source(
+        load=folder.load,
+        num_classes=lambda data_config: len(folder.class_names(data_config.folder)),
+        image_shape=lambda data_config: (data_config.image_size, data_config.image_size, 3),
+    ),
+}
+
+
+def load_dataset(data_config) -> dataset.Dataset:
+    """Loads `data_config.name` (a tfds data set, prepared first if needed and allowed, or the
+    image folder `data_config.folder`), then holds out `data_config.validation_examples` of the
+    train split for validation."""
+    source = DATASETS[data_config.name]
+    return dataset.hold_out_validation(source.load(data_config, source.splits), data_config.validation_examples)

@@ -1,0 +1,96 @@
+"""tfds data sets (CIFAR-10, CIFAR-100): opened, prepared on first use when allowed, and read
+whole into host memory as uint8 without TensorFlow (array_record through `tfds.data_source`)."""
+
+import socket
+import urllib.parse
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from resnet_jax.data import dataset
+from resnet_jax.errors import Error, first_line
+
+_READ_CHUNK = 5000  # records decoded per call when reading an array_record split
+
+
+def load(data_config, splits: Sequence[str] = dataset.SPLITS) -> dataset.Dataset:
+    """The tfds data set `data_config.name` in `data_config.data_dir`, preparing it first if
+    needed (and allowed): its `splits` (train, then test) as a Dataset."""
+    import tensorflow_datasets as tfds  # Imported here: it is slow and only needed here.
+
+    try:
+        builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
+    except Exception as e:  # tfds raises DatasetNotFoundError and friends.
+        raise Error(f"cannot open tfds data set {data_config.name!r}: {first_line(e)}") from None
+    if not builder.is_prepared():
+        _download_and_prepare(builder, data_config)
+    train, test = (_read_split(builder, split) for split in splits)
+    return dataset.from_splits(data_config.name, builder.info.features["label"].names, train, test)
+
+
+def _missing_message(builder, why: str) -> str:
+    return (
+        f"data set {builder.name} {builder.version} is not prepared in {builder.data_dir} and {why}. "
+        f"Fix: point --config.data.data_dir at a folder holding a prepared copy "
+        f"({builder.name}/{builder.version}/), or prepare it on a machine with network "
+        f"(the same command) and copy that folder here"
+    )
+
+
+def download_host_reachable(url: str, timeout: float = 5.0) -> Optional[str]:
+    """Returns None if the host of `url` accepts a TCP connection, else why it does not."""
+    parts = urllib.parse.urlparse(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{parts.hostname}:{port} unreachable: {first_line(e)}"
+
+
+def _download_and_prepare(builder, data_config) -> None:
+    """Runs tfds's download_and_prepare, failing fast (not hanging) without network."""
+    if not data_config.download:
+        raise Error(_missing_message(builder, "data.download is False"))
+    # tfds retries for minutes when offline; a short connection probe finds out at once.
+    unreachable = download_host_reachable(builder.info.homepage)
+    if unreachable:
+        raise Error(_missing_message(builder, f"cannot be downloaded ({unreachable})"))
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except Exception as e:
+        raise Error(_missing_message(builder, f"preparing it failed: {first_line(e)}")) from None
+
+
+def _read_split(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Reads a whole split as (uint8 images, int32 labels), checking its length."""
+    import tensorflow_datasets as tfds
+
+    where = f"{builder.data_path}"
+    try:
+        expected = builder.info.splits[split].num_examples
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            # Random access through tfds.data_source: no TensorFlow needed.
+            source = builder.as_data_source(split=split)
+            images, labels = [], []
+            for start in range(0, len(source), _READ_CHUNK):
+                records = source.__getitems__(range(start, min(start + _READ_CHUNK, len(source))))
+                images.extend(r["image"] for r in records)
+                labels.extend(r["label"] for r in records)
+            images, labels = np.stack(images), np.asarray(labels)
+        else:  # The older tfrecord format (an existing ~/tensorflow_datasets, gs://): needs TF.
+            data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+            images, labels = data["image"], data["label"]
+    except Error:
+        raise
+    except Exception as e:
+        raise Error(
+            f"cannot read the {split} split of {builder.name} in {where}: {first_line(e)}. "
+            f"The files are unreadable, truncated or corrupt: fix the permissions or prepare the data set again"
+        ) from None
+    if len(images) != expected:
+        raise Error(
+            f"the {split} split in {where} holds {len(images)} examples, its metadata says {expected}: "
+            f"the files are truncated or corrupt; prepare the data set again"
+        )
+    return images.astype(np.uint8), labels.astype(np.int32)

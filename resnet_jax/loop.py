@@ -1,0 +1,295 @@
+"""The train loop: train steps, and between them the periodic actions, each due by a named
+predicate of the step (`Due`, after big_vision's `itstime`):
+
+    log         every log_every_steps, and at the last step
+    evaluate    every eval_every_epochs, and at the last step; then a checkpoint
+    checkpoint  every checkpoint_every_steps, and at the last step
+    stop check  SIGTERM/SIGINT: a checkpoint, then a clean return that the same command resumes
+
+`train_and_evaluate` reads top to bottom; `Run` holds what the loop keeps between steps
+besides the state (the checkpoint manager, the metrics log, the clock), and its methods take
+the state as an argument. `evaluate` is one split's evaluation, which the modes use too.
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import checkpoints, finetune, parallel, plots, train
+from resnet_jax import workdir as workdir_lib
+from resnet_jax.data import pipeline, registry
+from resnet_jax.errors import RunFailure
+
+
+def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "CONFIG") -> bool:
+    """Trains (resuming from the latest checkpoint in `workdir`), evaluates, checkpoints.
+
+    Returns whether training reached its last step (False: a signal stopped it).
+    """
+    setup = train.Setup(config, dataset or registry.load_dataset(config.data))
+    run = Run(config, workdir, setup)
+    try:
+        state = run.initial_state()
+        start_step = int(state.step)
+        due = Due.from_config(config, setup)
+        p_train_step, p_eval_step = setup.parallel_train_step(), setup.parallel_eval_step()
+        state, batches = parallel.replicate(state), setup.train_batches(start_step)
+        run.begin(start_step)
+        with StopSignal() as stop:
+            for step in range(start_step + 1, setup.num_steps + 1):
+                state = p_train_step(state, next(batches))
+                run.stepped(step, state, due.log(step))
+                if due.log(step):
+                    state = run.log_train(step, state)
+                if due.evaluate(step):
+                    run.save(step, state, run.evaluate(step, state, p_eval_step))
+                    run.clock.lap(step)
+                elif due.checkpoint(step):
+                    run.save(step, state)
+                if due.stop_check(step) and stop.requested():
+                    run.stop(step, state, stop.received, config_path)
+                    return False
+        run.wait()
+        return True
+    finally:
+        run.close()
+
+
+def itstime(step: int, every: int, last: int) -> bool:
+    """Whether an action done every `every` steps is due at `step`: at its multiples, and at the `last` step."""
+    return step % every == 0 or step == last
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """When each periodic action is due, in steps (the config's epochs converted once)."""
+
+    num_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def from_config(cls, config, setup) -> "Due":
+        eval_every = max(1, int(round(config.eval_every_epochs * setup.steps_per_epoch)))
+        return cls(setup.num_steps, config.log_every_steps, eval_every, config.checkpoint_every_steps)
+
+    def log(self, step: int) -> bool:
+        return itstime(step, self.log_every, self.num_steps)
+
+    def evaluate(self, step: int) -> bool:
+        return itstime(step, self.eval_every, self.num_steps)
+
+    def checkpoint(self, step: int) -> bool:
+        return itstime(step, self.checkpoint_every, self.num_steps)
+
+    def stop_check(self, step: int) -> bool:
+        """One process reads its own signal flag after every step. Several must agree, which costs
+        a collective, so they compare flags at the logging interval only."""
+        return step < self.num_steps and (jax.process_count() == 1 or step % self.log_every == 0)
+
+
+class Clock:
+    """Seconds since the run began, and the train images/s since the last lap."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.started = time.perf_counter()
+        self.batch_size = batch_size
+        self.lap(step, self.started)
+
+    def lap(self, step: int, at: float = None) -> None:
+        self.lap_step, self.lap_at = step, time.perf_counter() if at is None else at
+
+    def images_per_sec(self, step: int, now: float) -> float:
+        return (step - self.lap_step) * self.batch_size / (now - self.lap_at)
+
+
+class Run:
+    """What the loop keeps between steps besides the state: the checkpoint manager, the metrics
+    log and progress bar (process 0), the clock and the last saved step."""
+
+    def __init__(self, config, workdir: str, setup):
+        self.config, self.workdir, self.setup = config, workdir, setup
+        self.is_main = jax.process_index() == 0
+        self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
+        self.log = self.progress = None
+
+    def initial_state(self):
+        """The newest usable checkpoint's state (on the host); before the first, a fine-tune's
+        imported weights or the fresh state."""
+        quarantine = os.path.join(self.workdir, "unusable_checkpoints") if self.is_main else None
+        state = checkpoints.restore_latest(self.manager, self.setup.initial_state, quarantine)
+        if not int(state.step) and self.config.init_from:  # A resumed fine-tune continues from its own checkpoints.
+            state = finetune.initial_state(self.config, self.setup)
+        return state
+
+    def begin(self, start_step: int) -> None:
+        """Opens the metrics log and starts the clock, just before the first step."""
+        config, setup = self.config, self.setup
+        self.log = workdir_lib.MetricsLog(self.workdir) if self.is_main else None
+        if start_step:
+            logging.info("resumed from the checkpoint at step %d", start_step)
+        logging.info(
+            "training %s on %s: %d steps (%d per epoch), %d devices on %d processes",
+            config.model.name, config.data.name, setup.num_steps, setup.steps_per_epoch,
+            jax.device_count(), jax.process_count(),
+        )  # fmt: skip
+        self.progress = _progress_bar(self.is_main, start_step, setup.num_steps)
+        self.start_step, self.last_saved = start_step, start_step or None
+        self.compile_seconds = None  # the first step's wall time (its compilation), until a record reports it
+        self.clock = Clock(start_step, config.batch_size)
+
+    def stepped(self, step: int, state, logging_now: bool) -> None:
+        """After each step: the progress bar; after the first, its wall time (mostly compilation)."""
+        if self.progress:
+            self.progress.update(1)
+        if step == self.start_step + 1:  # The one wait outside logging: the first step is its compilation.
+            jax.block_until_ready(state)
+            self.compile_seconds = time.perf_counter() - self.clock.started
+            if not logging_now:  # Throughput is then measured after compilation.
+                self.clock.lap(step, self.clock.started + self.compile_seconds)
+
+    def train_metrics(self, state) -> dict:
+        """The metric sums since the last record, on the host; stops on a non-finite loss."""
+        sums = parallel.unreplicate(state.train_metrics)
+        bad = int(sums["first_nonfinite_step"])
+        if bad >= 0:
+            last = self.last_saved
+            where = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
+            raise RunFailure(
+                f"the loss became {float(sums['loss'])} (not finite) at step {bad}; {where} in "
+                f"{checkpoints.checkpoint_dir(self.workdir)}. Lower --config.learning_rate or set --config.grad_clip_norm"
+            )
+        return sums
+
+    def log_train(self, step: int, state):
+        """Writes the train record of the steps since the last one; returns `state` with its sums reset."""
+        sums = self.train_metrics(state)
+        now = time.perf_counter()
+        record = {
+            "step": step, "epoch": step / self.setup.steps_per_epoch, "split": "train",
+            "loss": float(sums["loss"] / sums["count"]), "accuracy": float(sums["accuracy"] / sums["count"]),
+            "learning_rate": float(self.setup.learning_rate_fn(step - 1)),
+            "images_per_sec": self.clock.images_per_sec(step, now), "elapsed_seconds": now - self.clock.started,
+        }  # fmt: skip
+        if self.compile_seconds is not None:
+            record["compile_seconds"], self.compile_seconds = self.compile_seconds, None
+        self.clock.lap(step, now)
+        self._write(record)
+        return state.replace(train_metrics=parallel.replicate(train.empty_train_metrics()))
+
+    def evaluate(self, step: int, state, p_eval_step):
+        """Evaluates every split and writes their records; returns the metrics the checkpoint keeps."""
+        accuracy = {}
+        for split, images, labels in self.setup.dataset.eval_splits():
+            began = time.perf_counter()
+            result = evaluate(p_eval_step, state, images, labels, self.config)
+            accuracy[split] = result["accuracy"]
+            now = time.perf_counter()
+            self._write({
+                "step": step, "epoch": step / self.setup.steps_per_epoch, "split": split, "loss": result["loss"],
+                "accuracy": result["accuracy"], "eval_seconds": now - began, "elapsed_seconds": now - self.clock.started,
+            })  # fmt: skip
+        if self.log:
+            plots.plot_curves(self.workdir)
+        # The kept "best" checkpoint is chosen on validation only, never on test.
+        return {"validation_accuracy": accuracy["validation"]} if "validation" in accuracy else None
+
+    def save(self, step: int, state, metrics: dict = None) -> None:
+        """Starts saving `state` (never a non-finite one) as the checkpoint of `step`."""
+        self.train_metrics(state)
+        checkpoints.save(self.manager, parallel.unreplicate(state), metrics)
+        self.last_saved = step
+
+    def stop(self, step: int, state, signal_name: str, config_path: str) -> None:
+        """Saves `state` (unless just saved) and says how to resume."""
+        if self.last_saved != step:
+            self.save(step, state)
+        self.wait()
+        if self.is_main:
+            print(
+                f"stopped by {signal_name or 'a signal on another process'} at step {step}; checkpoint saved. "
+                f"Resume with: python run.py --config {config_path} --workdir {self.workdir}",
+                flush=True,
+            )
+
+    def wait(self) -> None:
+        checkpoints.wait(self.manager)
+
+    def close(self) -> None:
+        checkpoints.close(self.manager)
+        if self.progress:
+            self.progress.close()
+        if self.log:
+            self.log.close()
+
+    def _write(self, record: dict) -> None:
+        if self.log:
+            self.log.write(record)
+            _report(self.progress, record)
+
+
+def evaluate(p_eval_step, state, images, labels, config) -> dict:
+    """Loss, accuracy and confusion matrix over a whole split (each example once)."""
+    totals = None
+    part = parallel.process_slice(config.eval_batch_size)
+    for batch in pipeline.eval_batches(images, labels, batch_size=config.eval_batch_size, part=part):
+        sums = p_eval_step(state, parallel.place_batch(batch))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = parallel.unreplicate(totals)
+    confusion = np.asarray(totals["confusion"], np.int64)
+    count = int(confusion.sum())
+    return {
+        "loss": float(totals["loss"]) / count,
+        "accuracy": float(np.trace(confusion)) / count,
+        "num_examples": count,
+        "confusion": confusion,
+    }
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self) -> bool:
+        """Whether to stop now: a signal reached this process or, in a multi-process run, any
+        process (every process must ask at the same step)."""
+        return parallel.any_process(self.received is not None)
+
+
+def _progress_bar(is_main: bool, start: int, total: int):
+    """A tqdm bar on process 0 when stderr is a terminal; None otherwise."""
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    import tqdm
+
+    return tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _report(progress, record: dict) -> None:
+    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "split")
+    line = f"{record['split']}: {text}"
+    if progress:
+        progress.write(line)
+    else:
+        print(line, flush=True)
