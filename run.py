@@ -27,14 +27,18 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go. Default: runs/<config file stem>.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "predict", "export", "summary"],
+    "mode",
+    "train",
+    ["train", "eval", "predict", "export", "summary"],
     "train (resuming if the workdir has checkpoints), eval (a checkpoint on the test split), "
     "predict (IMAGE files with a checkpoint), export (a checkpoint as StableHLO, ONNX and a "
     "SavedModel in WORKDIR/export/) or summary (the model's table).",
 )
 flags.DEFINE_bool("json", False, "--mode predict: one JSON line per image.")
 flags.DEFINE_string(
-    "seeds", None, "--mode train or eval once per seed, in WORKDIR/seed_<seed>, then the mean and standard deviation "
+    "seeds",
+    None,
+    "--mode train or eval once per seed, in WORKDIR/seed_<seed>, then the mean and standard deviation "
     "of the final accuracies in WORKDIR/seeds*.json and .md: a count (3: seeds 0, 1, 2) or a list (0,5,7).",
 )
 flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
@@ -137,8 +141,12 @@ def run(argv) -> None:
         report = evaluate.evaluate_checkpoint(config, workdir)
         for split, result in (("validation", report.get("validation")), ("test", report)):
             if result:
-                print(f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
-                      f"on {result['num_examples']} examples (tta {report['tta']}{', weight average' if report['ema'] else ''})")
+                print(
+                    f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f},"
+                    f" loss {result['loss']:.4f} "
+                    f"on {result['num_examples']} examples"
+                    f" (tta {report['tta']}{', weight average' if report['ema'] else ''})"
+                )
         print(f"eval: wrote {workdir}/eval_{report['step']}.json")
         return
 
@@ -150,7 +158,8 @@ def run(argv) -> None:
             for name, result in report["exports"].items():
                 print(
                     f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference| "
-                    f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']} test images, same top-1)"
+                    f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']}"
+                    f" test images, same top-1)"
                 )
             checkpoint = report["checkpoint"]
             print(
@@ -167,8 +176,7 @@ def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:
     training reached its last step."""
     import jax
 
-    from resnet_jax import loop
-    from resnet_jax import workdir as workdir_lib
+    from resnet_jax import loop, workdir as workdir_lib
 
     workdir_lib.prepare(workdir)
     main_process = jax.process_index() == 0
@@ -211,7 +219,9 @@ def run_seeds(config, workdir: str, config_path: str) -> None:
             return
     if jax.process_index() == 0:
         name = "seeds" if FLAGS.mode == "train" else f"seeds_eval_{config.eval_tta}"
-        what = "final evaluation" if FLAGS.mode == "train" else f"--mode eval of checkpoint {config.eval_checkpoint_step}"
+        what = (
+            "final evaluation" if FLAGS.mode == "train" else f"--mode eval of checkpoint {config.eval_checkpoint_step}"
+        )
         weights = ", weight average" if config.ema_decay > 0 else ""
         title = f"{os.path.basename(config_path)} over {len(per_seed)} seeds: {what} (tta {config.eval_tta}{weights})"
         print(seeds.write(workdir, name, seeds.summarize(per_seed), title), end="")

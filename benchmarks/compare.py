@@ -32,8 +32,21 @@ def run_json(command):
 
 def commands(args):
     """The (JAX, PyTorch) command lines for one pair."""
-    common = ["--model", args.model, "--stem", args.stem, "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-              "--steps", str(args.steps), "--repeats", str(args.repeats), "--json"]
+    common = [
+        "--model",
+        args.model,
+        "--stem",
+        args.stem,
+        "--batch-size",
+        str(args.batch_size),
+        "--dtype",
+        args.dtype,
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--json",
+    ]
     jax_command = [sys.executable, os.path.join(HERE, "throughput.py"), *common, "--train-only"]
     if args.no_augment:
         jax_command.append("--no-augment")
@@ -50,12 +63,24 @@ def compare(args):
         torch_rate = run_json(torch_command)["train_images_per_sec"]
         pairs.append({"jax": jax_rate, "pytorch": torch_rate, "ratio": round(jax_rate / torch_rate, 3)})
         if not args.json:
-            print(f"pair {i + 1}: JAX {jax_rate:8.1f}  PyTorch {torch_rate:8.1f} images/s  ratio {pairs[-1]['ratio']:.3f}", flush=True)
+            print(
+                f"pair {i + 1}: JAX {jax_rate:8.1f}  PyTorch {torch_rate:8.1f} images/s "
+                f" ratio {pairs[-1]['ratio']:.3f}",
+                flush=True,
+            )
     ratios = [p["ratio"] for p in pairs]
     return {
-        "model": args.model, "stem": args.stem, "batch_size": args.batch_size, "dtype": args.dtype,
-        "augment": not args.no_augment, "steps": args.steps, "repeats": args.repeats, "pairs": pairs,
-        "median_ratio": round(statistics.median(ratios), 3), "min_ratio": min(ratios), "max_ratio": max(ratios),
+        "model": args.model,
+        "stem": args.stem,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "augment": not args.no_augment,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "pairs": pairs,
+        "median_ratio": round(statistics.median(ratios), 3),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
     }
 
 
@@ -73,8 +98,11 @@ def main():
     args = parser.parse_args()
     result = compare(args)
     if not args.json:
-        print(f"JAX/PyTorch: median {result['median_ratio']:.3f}, spread {result['min_ratio']:.3f}-{result['max_ratio']:.3f} "
-              f"over {args.pairs} pairs ({args.model}, {args.stem} stem, batch {args.batch_size}, {args.dtype})")
+        print(
+            f"JAX/PyTorch: median {result['median_ratio']:.3f},"
+            f" spread {result['min_ratio']:.3f}-{result['max_ratio']:.3f} "
+            f"over {args.pairs} pairs ({args.model}, {args.stem} stem, batch {args.batch_size}, {args.dtype})"
+        )
     print(json.dumps(result))
 
 

@@ -66,16 +66,19 @@ def time_jax(shape, batch_size, dtype, repeats):
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.05, dtype)
 
     def conv(x, w):  # As flax.linen.Conv lowers it.
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), [(k // 2, k // 2)] * 2,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), [(k // 2, k // 2)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     g = jnp.ones_like(conv(x, w))
     fwd = jax.jit(conv)
     dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-    return (median_ms(lambda: fwd(x, w).block_until_ready(), repeats),
-            median_ms(lambda: dx(x, w, g).block_until_ready(), repeats),
-            median_ms(lambda: dw(x, w, g).block_until_ready(), repeats))
+    return (
+        median_ms(lambda: fwd(x, w).block_until_ready(), repeats),
+        median_ms(lambda: dx(x, w, g).block_until_ready(), repeats),
+        median_ms(lambda: dw(x, w, g).block_until_ready(), repeats),
+    )
 
 
 def time_torch(shape, batch_size, dtype, repeats):
@@ -143,20 +146,39 @@ def main():
     frameworks = ["jax"] + (["torch"] if importlib.util.find_spec("torch") else [])
     results = {}
     for framework in frameworks:  # Each in a fresh process: no shared thread pools.
-        command = [sys.executable, os.path.abspath(__file__), "--framework", framework, "--model", args.model,
-                   "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--framework",
+            framework,
+            "--model",
+            args.model,
+            "--batch-size",
+            str(args.batch_size),
+            "--dtype",
+            args.dtype,
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+        ]
         done = subprocess.run(command, check=True, capture_output=True, text=True)
         results[framework] = json.loads(done.stdout.strip().splitlines()[-1])
-    summary = {"model": args.model, "batch_size": args.batch_size, "dtype": args.dtype,
-               **{f"{name}_ms": result["totals"] for name, result in results.items()}}
+    summary = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        **{f"{name}_ms": result["totals"] for name, result in results.items()},
+    }
     if "torch" in results:
         summary["jax_over_torch_time"] = round(results["jax"]["totals"]["all"] / results["torch"]["totals"]["all"], 3)
     if not args.json:
         print(f"{'height cin cout k stride (count)':34}" + "".join(f"{name + ' fwd/dx/dw ms':>26}" for name in results))
         for i, layer in enumerate(results["jax"]["layers"]):
             label = " ".join(map(str, layer["shape"])) + f" (x{layer['count']})"
-            cells = ["/".join(f"{r['layers'][i][key]:.1f}" for key in ("forward", "dx", "dw")) for r in results.values()]
+            cells = [
+                "/".join(f"{r['layers'][i][key]:.1f}" for key in ("forward", "dx", "dw")) for r in results.values()
+            ]
             print(f"{label:34}" + "".join(f"{cell:>26}" for cell in cells))
         for name, result in results.items():
             print(f"{name} total (weighted by count): {result['totals']} ms per step")

@@ -45,7 +45,12 @@ PYTHON = sys.executable
 # Dense bf16 peak of one device, TFLOP/s (vendor datasheets, SXM parts): MFU's denominator.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L4": 121.0}
 # The GPU tests: files, and the tests of the train step that run on one device.
-GPU_TESTS = ["tests/test_models.py", "tests/test_train.py", "-k", "not every_model and not device and not process and not sigterm"]
+GPU_TESTS = [
+    "tests/test_models.py",
+    "tests/test_train.py",
+    "-k",
+    "not every_model and not device and not process and not sigterm",
+]
 ACCURACY_MARKS = (0.90, 0.93, 0.94, 0.95)
 RECIPE_EPOCHS, MIN_EPOCHS = 24, 10  # the time-to-accuracy recipe's length, and the shortest worth running
 
@@ -54,10 +59,28 @@ REAL = {
     "budget": 480,
     "data": [],
     "cpu_tests": ["-m", "not slow"],
-    "throughput": ["--model", "resnet18", "--stem", "cifar", "--batch-size", "512", "--eval-batch-size", "1000",
-                   "--steps", "20", "--repeats", "3"],
+    "throughput": [
+        "--model",
+        "resnet18",
+        "--stem",
+        "cifar",
+        "--batch-size",
+        "512",
+        "--eval-batch-size",
+        "1000",
+        "--steps",
+        "20",
+        "--repeats",
+        "3",
+    ],
     "torch": ["--model", "resnet18", "--stem", "cifar", "--batch-size", "512", "--steps", "20", "--repeats", "3"],
-    "train": ["--config", "configs/resnet9_fast.py", "--config.eval_every_epochs=1", "--config.eval_batch_size=1000", "--config.log_every_steps=97"],
+    "train": [
+        "--config",
+        "configs/resnet9_fast.py",
+        "--config.eval_every_epochs=1",
+        "--config.eval_batch_size=1000",
+        "--config.log_every_steps=97",
+    ],
     "after_tests": 300,  # seconds the CPU tests leave to the speed and time-to-accuracy stages
     "estimates": {"setup": 60, "newest_jax": 120, "speed": 150, "time_to_accuracy": 150},
 }
@@ -66,11 +89,30 @@ DRY = {
     "data": ["--train", "640", "--test", "100"],
     "cpu_tests": ["tests/test_tfds_writer.py::test_balanced_subsets_take_every_class_equally"],
     "gpu_tests": ["tests/test_models.py::test_batch_norm_statistics_update_in_train_mode_only"],
-    "throughput": ["--model", "resnet8", "--batch-size", "16", "--eval-batch-size", "40", "--steps", "2",
-                   "--repeats", "1", "--num-train", "512", "--num-test", "40"],
+    "throughput": [
+        "--model",
+        "resnet8",
+        "--batch-size",
+        "16",
+        "--eval-batch-size",
+        "40",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--num-train",
+        "512",
+        "--num-test",
+        "40",
+    ],
     "torch": ["--model", "resnet18", "--batch-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1"],
-    "train": ["--config", "configs/smoke.py", "--config.num_train_steps=20", "--config.eval_every_epochs=1",
-              "--config.log_every_steps=5"],
+    "train": [
+        "--config",
+        "configs/smoke.py",
+        "--config.num_train_steps=20",
+        "--config.eval_every_epochs=1",
+        "--config.log_every_steps=5",
+    ],
     "after_tests": 60,
     "estimates": {"setup": 10, "newest_jax": 15, "speed": 30, "time_to_accuracy": 20},
 }
@@ -101,7 +143,9 @@ class Check:
         """Starts `command` from the repository root, its output going to a temporary file."""
         self.log("$ " + " ".join(command))
         output = tempfile.TemporaryFile("w+")
-        process = subprocess.Popen(command, cwd=ROOT, env=env or self.env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env or self.env, stdout=output, stderr=subprocess.STDOUT, text=True
+        )
         return process, output
 
     def finish(self, launched, timeout=None):
@@ -116,7 +160,9 @@ class Check:
             process.wait()
             code = None
         output.seek(0)
-        text = output.read() + (f"\n(killed after {timeout:.0f} s: its share of the budget ran out)" if code is None else "")
+        text = output.read() + (
+            f"\n(killed after {timeout:.0f} s: its share of the budget ran out)" if code is None else ""
+        )
         self.log_file.write(text.rstrip() + "\n")
         self.log(f"exit code {code}: {' '.join(process.args[1:3])}")
         return code, text
@@ -153,11 +199,23 @@ def last_json(output: str) -> dict:
 
 def pytest_counts(code, output) -> dict:
     """pytest's closing line ("3 passed, 1 skipped in 9.1s") as counts."""
-    closing = next((line for line in reversed(output.splitlines())
-                    if re.search(r"\d+ (passed|failed|error)", line) and " in " in line), "")
+    closing = next(
+        (
+            line
+            for line in reversed(output.splitlines())
+            if re.search(r"\d+ (passed|failed|error)", line) and " in " in line
+        ),
+        "",
+    )
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", closing)}
-    return {"exit_code": code, "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
-            "skipped": counts.get("skipped", 0), "errors": counts.get("error", 0), "summary": closing.strip("= ")}
+    return {
+        "exit_code": code,
+        "passed": counts.get("passed", 0),
+        "failed": counts.get("failed", 0),
+        "skipped": counts.get("skipped", 0),
+        "errors": counts.get("error", 0),
+        "summary": closing.strip("= "),
+    }
 
 
 def peak_tflops(device_kind: str):
@@ -174,15 +232,39 @@ def empty_results(args, sizes):
         "dry_run": args.dry_run,
         "budget_seconds": sizes["budget"] if args.budget is None else args.budget,
         "python": sys.version.split()[0],
-        "jax_version": None, "jaxlib_version": None, "backend": None, "device_kind": None, "device_count": None,
-        "setup": {"status": None, "wheels_installed": None, "data_dir": None, "train_examples": None, "test_examples": None},
+        "jax_version": None,
+        "jaxlib_version": None,
+        "backend": None,
+        "device_kind": None,
+        "device_count": None,
+        "setup": {
+            "status": None,
+            "wheels_installed": None,
+            "data_dir": None,
+            "train_examples": None,
+            "test_examples": None,
+        },
         "newest_jax": {"status": None, "cpu_tests": None, "gpu_tests": None},
-        "speed": {"status": None, "float32": None, "bfloat16": None, "torch_bfloat16_images_per_sec": None,
-                  "torch_version": None, "jax_over_torch_bfloat16": None, "peak_bf16_tflops": None,
-                  "mfu_float32": None, "mfu_bfloat16": None},
-        "time_to_accuracy": {"status": None, "epochs": None, "test_accuracy": None, "wall_seconds": None,
-                             "compile_seconds": None, "wall_seconds_without_compilation": None,
-                             "seconds_to_accuracy": None},
+        "speed": {
+            "status": None,
+            "float32": None,
+            "bfloat16": None,
+            "torch_bfloat16_images_per_sec": None,
+            "torch_version": None,
+            "jax_over_torch_bfloat16": None,
+            "peak_bf16_tflops": None,
+            "mfu_float32": None,
+            "mfu_bfloat16": None,
+        },
+        "time_to_accuracy": {
+            "status": None,
+            "epochs": None,
+            "test_accuracy": None,
+            "wall_seconds": None,
+            "compile_seconds": None,
+            "wall_seconds_without_compilation": None,
+            "seconds_to_accuracy": None,
+        },
         "total_seconds": None,
     }
 
@@ -196,8 +278,23 @@ def setup_stage(check, args, sizes, data_dir, background):
         result["message"] = f"dry run: {len(wheels)} wheels in {args.wheels} not installed"
     elif wheels:
         target = os.path.join(tempfile.gettempdir(), "device_check_site")
-        code, output = check.run([PYTHON, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                  "--upgrade", "--target", target, *wheels], timeout=120)
+        code, output = check.run(
+            [
+                PYTHON,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--upgrade",
+                "--target",
+                target,
+                *wheels,
+            ],
+            timeout=120,
+        )
         if code != 0:
             raise RuntimeError(f"installing the wheels failed: {output.strip().splitlines()[-1:]}")
         check.env["PYTHONPATH"] = os.pathsep.join(p for p in (target, check.env.get("PYTHONPATH")) if p)
@@ -208,14 +305,18 @@ def setup_stage(check, args, sizes, data_dir, background):
     elif not args.dry_run:
         raise RuntimeError(f"no CIFAR-10 archive at {args.archive}: the speed and accuracy stages need the real data")
     xdist = ["-n", "8"] if _has_module("xdist") and not args.dry_run else []
-    background["cpu_tests"] = check.launch([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, *sizes["cpu_tests"]],
-                                           env=dict(check.env, JAX_PLATFORMS="cpu"))
+    background["cpu_tests"] = check.launch(
+        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, *sizes["cpu_tests"]],
+        env=dict(check.env, JAX_PLATFORMS="cpu"),
+    )
     source = ["--archive", args.archive] if real else ["--synthetic"]
     code, output = check.run([PYTHON, "-m", "resnet_jax.tfds_writer", data_dir, *source, *sizes["data"]], timeout=240)
     if code != 0:
         raise RuntimeError(f"building the data set failed: {output.strip().splitlines()[-1:]}")
     counts = dict(re.findall(r"(train|test)=(\d+)", output))
-    result.update(data_dir=data_dir, real_data=real, train_examples=int(counts["train"]), test_examples=int(counts["test"]))
+    result.update(
+        data_dir=data_dir, real_data=real, train_examples=int(counts["train"]), test_examples=int(counts["test"])
+    )
     return result
 
 
@@ -223,8 +324,11 @@ def newest_jax_stage(check, sizes, gpu_platform, background):
     """The model and train-step tests on the GPU, then the CPU test tier's results (8 CPU devices)."""
     # Not preallocating: the tests' run.py subprocesses share the GPU with the pytest process.
     gpu_env = dict(check.env, JAX_PLATFORMS=gpu_platform, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    code, output = check.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sizes.get("gpu_tests", GPU_TESTS)],
-                             timeout=150, env=gpu_env)
+    code, output = check.run(
+        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sizes.get("gpu_tests", GPU_TESTS)],
+        timeout=150,
+        env=gpu_env,
+    )
     result = {"gpu_tests": pytest_counts(code, output)}
     if "cpu_tests" not in background:
         raise RuntimeError("the CPU tests were not started: the setup stage failed")
@@ -240,8 +344,18 @@ def speed_stage(check, sizes, device_kind, device_count):
     peak = peak_tflops(device_kind)
     result = {"peak_bf16_tflops": peak}
     for dtype in ("float32", "bfloat16"):
-        code, output = check.run([PYTHON, os.path.join(HERE, "throughput.py"), *sizes["throughput"], "--dtype", dtype,
-                                  "--no-breakdown", "--json"], timeout=240)
+        code, output = check.run(
+            [
+                PYTHON,
+                os.path.join(HERE, "throughput.py"),
+                *sizes["throughput"],
+                "--dtype",
+                dtype,
+                "--no-breakdown",
+                "--json",
+            ],
+            timeout=240,
+        )
         if code != 0:
             raise RuntimeError(f"throughput.py --dtype {dtype} failed: {output.strip().splitlines()[-1:]}")
         measured = last_json(output)
@@ -251,8 +365,10 @@ def speed_stage(check, sizes, device_kind, device_count):
     if not _has_module("torch"):
         result["message"] = "torch is not installed: no PyTorch reference"
         return result
-    code, output = check.run([PYTHON, os.path.join(HERE, "torch_reference.py"), *sizes["torch"], "--dtype", "bfloat16",
-                              "--json"], timeout=240)
+    code, output = check.run(
+        [PYTHON, os.path.join(HERE, "torch_reference.py"), *sizes["torch"], "--dtype", "bfloat16", "--json"],
+        timeout=240,
+    )
     if code != 0:
         result["message"] = f"torch_reference.py failed: {output.strip().splitlines()[-1:]}"
         return result
@@ -260,7 +376,8 @@ def speed_stage(check, sizes, device_kind, device_count):
     result["torch_version"] = torch_result["torch_version"]
     result["torch_bfloat16_images_per_sec"] = torch_result["train_images_per_sec"]
     result["jax_over_torch_bfloat16"] = round(
-        result["bfloat16"]["train_images_per_sec"] / torch_result["train_images_per_sec"], 3)
+        result["bfloat16"]["train_images_per_sec"] / torch_result["train_images_per_sec"], 3
+    )
     return result
 
 
@@ -269,8 +386,17 @@ def time_to_accuracy_stage(check, train_args, data_dir):
     workdir = os.path.join(tempfile.gettempdir(), "device_check_run")
     shutil.rmtree(workdir, ignore_errors=True)
     began = time.monotonic()
-    code, output = check.run([PYTHON, "run.py", *train_args, "--workdir", workdir,
-                              f"--config.data.data_dir={data_dir}", "--config.data.download=False"])
+    code, output = check.run(
+        [
+            PYTHON,
+            "run.py",
+            *train_args,
+            "--workdir",
+            workdir,
+            f"--config.data.data_dir={data_dir}",
+            "--config.data.download=False",
+        ]
+    )
     wall = time.monotonic() - began
     metrics = os.path.join(workdir, "metrics.jsonl")
     lines = open(metrics).read().splitlines() if os.path.exists(metrics) else []
@@ -294,8 +420,14 @@ def time_to_accuracy_stage(check, train_args, data_dir):
         "compile_seconds": round(compile_seconds + eval_compile, 1),
         "wall_seconds_without_compilation": round(training - compile_seconds - eval_compile, 1),
         "seconds_to_accuracy": {
-            str(mark): next((round(r["elapsed_seconds"] - compile_seconds - eval_compile, 1)
-                             for r in tests if r["accuracy"] >= mark), None)
+            str(mark): next(
+                (
+                    round(r["elapsed_seconds"] - compile_seconds - eval_compile, 1)
+                    for r in tests
+                    if r["accuracy"] >= mark
+                ),
+                None,
+            )
             for mark in ACCURACY_MARKS
         },
         "curve": [[round(r["epoch"], 2), round(r["accuracy"], 4)] for r in tests],
@@ -310,10 +442,17 @@ def _has_module(name: str) -> bool:
 
 def platform_facts(check, gpu_platform):
     """Versions, backend and devices, read in a subprocess with the installed wheels in reach."""
-    code, output = check.run([PYTHON, "-c", "import json, jax, jaxlib; d = jax.devices(); print(json.dumps(dict("
-                              "jax_version=jax.__version__, jaxlib_version=jaxlib.__version__, backend=jax.default_backend(), "
-                              "device_kind=d[0].device_kind, device_count=len(d))))"],
-                             timeout=120, env=dict(check.env, JAX_PLATFORMS=gpu_platform) if gpu_platform else None)
+    code, output = check.run(
+        [
+            PYTHON,
+            "-c",
+            "import json, jax, jaxlib; d = jax.devices(); print(json.dumps(dict("
+            "jax_version=jax.__version__, jaxlib_version=jaxlib.__version__, backend=jax.default_backend(), "
+            "device_kind=d[0].device_kind, device_count=len(d))))",
+        ],
+        timeout=120,
+        env=dict(check.env, JAX_PLATFORMS=gpu_platform) if gpu_platform else None,
+    )
     return last_json(output) if code == 0 else {}
 
 
@@ -321,8 +460,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for device_check.json and device_check.log")
     parser.add_argument("--wheels", default=os.path.join(ROOT, ".whl"), help="folder of wheels to install first")
-    parser.add_argument("--archive", default=os.path.join(ROOT, ".carry", "cifar10_jpeg.tar.xz"),
-                        help="CIFAR-10 JPEG archive to build the data set from")
+    parser.add_argument(
+        "--archive",
+        default=os.path.join(ROOT, ".carry", "cifar10_jpeg.tar.xz"),
+        help="CIFAR-10 JPEG archive to build the data set from",
+    )
     parser.add_argument("--budget", type=float, default=None, help="seconds for everything (default: 480; dry run 300)")
     parser.add_argument("--dry-run", action="store_true", help="every stage at tiny sizes on this machine's CPU")
     args = parser.parse_args(argv)
@@ -347,12 +489,18 @@ def main(argv=None):
     results.update(platform_facts(check, gpu_platform))
     check.log(f"{results['device_kind']} x {results['device_count']}, jax {results['jax_version']}")
     write()
-    check.stage("newest_jax", estimates["newest_jax"], results, lambda: newest_jax_stage(check, sizes, gpu_platform, background))
+    check.stage(
+        "newest_jax", estimates["newest_jax"], results, lambda: newest_jax_stage(check, sizes, gpu_platform, background)
+    )
     for launched in background.values():  # Not waited for (the stage was skipped): stop them.
         launched[0].kill()
     write()
-    check.stage("speed", estimates["speed"], results,
-                lambda: speed_stage(check, sizes, results["device_kind"] or "", results["device_count"] or 1))
+    check.stage(
+        "speed",
+        estimates["speed"],
+        results,
+        lambda: speed_stage(check, sizes, results["device_kind"] or "", results["device_count"] or 1),
+    )
     write()
     if results["setup"]["status"] == "ok":
         train_args, estimate = sizes["train"], estimates["time_to_accuracy"]

@@ -3,9 +3,9 @@
 Times what the training loop does on the host for every step: `pipeline.train_batch`
 (the epoch's permutation, the gather of the batch's images and labels from the uint8
 split held in memory), then `parallel.device_batches`, the host->device transfer of the
-batch onto the local devices in the layout the train step takes (until `block_until_ready`). Reports both rates: host_images_per_sec
-(batching alone) and images_per_sec (batching + transfer), the medians over `--repeats`
-timings of `--steps` batches.
+batch onto the local devices in the layout the train step takes (until `block_until_ready`).
+Reports both rates: host_images_per_sec (batching alone) and images_per_sec (batching +
+transfer), the medians over `--repeats` timings of `--steps` batches.
 
     python benchmarks/input_pipeline.py [--batch-size 512] [--num-train 50000] [--data-dir DIR] [--json]
 
@@ -46,7 +46,9 @@ def load_train_split(data_dir, num_train, seed=0):
 def time_batches(images, labels, *, batch_size, devices, first_step, steps, transfer):
     """Seconds for `steps` consecutive train batches from `first_step`, sent to `devices` if `transfer`."""
     start = time.perf_counter()
-    batches = pipeline.train_batches(images, labels, range(first_step, first_step + steps), batch_size=batch_size, seed=0)
+    batches = pipeline.train_batches(
+        images, labels, range(first_step, first_step + steps), batch_size=batch_size, seed=0
+    )
     for batch in parallel.device_batches(batches, devices) if transfer else batches:
         jax.block_until_ready(batch)
     return time.perf_counter() - start
@@ -58,7 +60,13 @@ def benchmark(images, labels, *, batch_size, devices, steps, repeats):
     for r in range(repeats + 1):  # The first round warms up (permutation cache, transfer path).
         for key, transfer in (("host_images_per_sec", False), ("images_per_sec", True)):
             seconds = time_batches(
-                images, labels, batch_size=batch_size, devices=devices, first_step=r * steps, steps=steps, transfer=transfer
+                images,
+                labels,
+                batch_size=batch_size,
+                devices=devices,
+                first_step=r * steps,
+                steps=steps,
+                transfer=transfer,
             )
             if r:
                 rates[key].append(steps * batch_size / seconds)
@@ -90,11 +98,14 @@ def main():
         "steps": args.steps,
         "repeats": args.repeats,
     }
-    result.update(benchmark(images, labels, batch_size=args.batch_size, devices=devices, steps=args.steps, repeats=args.repeats))
+    result.update(
+        benchmark(images, labels, batch_size=args.batch_size, devices=devices, steps=args.steps, repeats=args.repeats)
+    )
     if not args.json:
         print(
             f"batch {args.batch_size} from {len(images)} images: {result['host_images_per_sec']} images/s batched on "
-            f"the host, {result['images_per_sec']} images/s with the transfer to {len(devices)} {result['backend']} device(s)"
+            f"the host, {result['images_per_sec']} images/s"
+            f" with the transfer to {len(devices)} {result['backend']} device(s)"
         )
     print(json.dumps(result))
 

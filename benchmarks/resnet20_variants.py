@@ -55,7 +55,16 @@ def main():
     workdir_lib.prepare(args.workdir)
     loop.train_and_evaluate(config, args.workdir)
     tests = [r for r in workdir_lib.read_metrics(os.path.join(args.workdir, "metrics.jsonl")) if r["split"] == "test"]
-    print(json.dumps({"variant": args.variant, "seed": args.seed, "step": tests[-1]["step"], "test_accuracy": tests[-1]["accuracy"]}))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "seed": args.seed,
+                "step": tests[-1]["step"],
+                "test_accuracy": tests[-1]["accuracy"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -166,7 +166,11 @@ def memory_breakdown_mb(loop):
     dataset = setup.dataset
     temp = lambda step_fn, *args: step_fn.lower(*args).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
     return {
-        "data": mb(sum(a.nbytes for a in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels))),
+        "data": mb(
+            sum(
+                a.nbytes for a in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels)
+            )
+        ),
         "train_state": mb(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(setup.initial_state))),
         "train_step_scratch": mb(temp(setup.parallel_train_step(devices), loop.state, loop.resident)),
         "eval_step_scratch": mb(temp(setup.parallel_eval_step(devices), loop.state, eval_batch(setup, devices))),
@@ -205,7 +209,9 @@ def benchmark(config, dataset, devices, steps, repeats, train_only=False, breakd
             plain_seconds.append(plain.run(steps))
     result["train_images_per_sec"] = round(steps * config.batch_size / statistics.median(seconds), 1)
     result["train_flops_per_step"] = train_step_flops(setup, devices) * len(devices)
-    result["train_tflops_per_sec"] = round(result["train_flops_per_step"] * steps / statistics.median(seconds) / 1e12, 3)
+    result["train_tflops_per_sec"] = round(
+        result["train_flops_per_step"] * steps / statistics.median(seconds) / 1e12, 3
+    )
     # The devices wait for input only if steps fed by the input pipeline are slower than steps
     # on a batch already there.
     t_fed, t_resident = statistics.median(seconds), statistics.median(resident_seconds)
@@ -238,8 +244,11 @@ def main():
     parser.add_argument("--num-test", type=int, default=CIFAR10_TEST)
     parser.add_argument("--no-augment", action="store_true", help="train without the on-device augmentation")
     parser.add_argument("--train-only", action="store_true", help="skip the eval and augmentation-share timings")
-    parser.add_argument("--no-breakdown", action="store_true",
-                        help="skip the augmentation share and the memory breakdown (two more compilations)")
+    parser.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="skip the augmentation share and the memory breakdown (two more compilations)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
 

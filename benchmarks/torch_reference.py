@@ -181,8 +181,10 @@ def main():
         "train_images_per_sec": round(rate, 1),
     }
     if not args.json:
-        print(f"{args.model} ({args.stem} stem) {args.dtype} batch {args.batch_size} on {result['device']}: "
-              f"{rate:.1f} train images/s")
+        print(
+            f"{args.model} ({args.stem} stem) {args.dtype} batch {args.batch_size} on {result['device']}: "
+            f"{rate:.1f} train images/s"
+        )
     print(json.dumps(result))
 
 

@@ -7,5 +7,7 @@ from configs import resnet18
 
 def get_config():
     config = resnet18.get_config()
-    config.data.name = "cifar100"  # tfds cifar100: 50,000 train and 10,000 test images, its "label" (not "coarse_label")
+    config.data.name = (
+        "cifar100"  # tfds cifar100: 50,000 train and 10,000 test images, its "label" (not "coarse_label")
+    )
     return config

@@ -21,10 +21,10 @@ def get_config():
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "cifar10"  # tfds data set "cifar10" or "cifar100", or "folder": your images in data.folder
-    config.data.folder = config_dict.placeholder(str)  # data.name="folder": DIR holding train/<class>/* and test/<class>/* (PNG, JPEG)
+    config.data.folder = config_dict.placeholder(str)  # data.name="folder": DIR with train/<class>/, test/<class>/
     config.data.image_size = 32  # data.name="folder": images are centre-cropped square and resized to this side
     config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    config.data.validation_examples = 0  # train examples held out (class-balanced, fixed) to select the best checkpoint on; 0: none
+    config.data.validation_examples = 0  # train examples held out (balanced, fixed) to pick the best checkpoint
     config.data.download = True  # download and prepare the data set if data_dir lacks it
     config.data.augment = True  # random crop + horizontal flip on the device
     config.data.crop_padding = 4  # pixels of padding around the image before the random 32x32 crop
@@ -33,7 +33,7 @@ def get_config():
     config.data.normalization = "dataset"  # "dataset": per-channel mean/std of the train split; "half": (x-0.5)/0.5
 
     config.batch_size = 512  # global training batch, over all devices of all hosts
-    config.eval_batch_size = 256  # global evaluation batch (ResNet-18 on a CPU: 1000 would raise peak memory 2.3 -> 3.6 GB)
+    config.eval_batch_size = 256  # global evaluation batch (a larger one raises peak memory: README, "Memory")
     config.num_epochs = 30.0  # length of training in epochs (ignored when num_train_steps > 0)
     config.num_train_steps = -1  # length of training in steps; -1: derived from num_epochs
 
@@ -48,7 +48,7 @@ def get_config():
     config.weight_decay = 5e-4  # L2 decay on conv and dense kernels only (not BN, not biases)
     config.label_smoothing = 0.0  # label smoothing of the cross-entropy targets
     config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: off
-    config.ema_decay = 0.0  # decay of the exponential moving average of params and BN statistics used to evaluate; 0: off
+    config.ema_decay = 0.0  # decay of the moving average of params and BN statistics that evaluation uses; 0: off
     config.eval_tta = "none"  # test-time augmentation in evaluation: "none", "flip" or "flip_translate"
 
     config.seed = 0  # seeds initialisation, data order and augmentation
@@ -59,8 +59,8 @@ def get_config():
     config.eval_checkpoint_step = "latest"  # --mode eval/predict: "latest", "best" or a step number
     config.allow_config_change = False  # resume even if architecture, data set or batch size changed
 
-    config.init_from = config_dict.placeholder(str)  # fine-tune from a run's WORKDIR or a torchvision-style state_dict (.pt/.pth/.safetensors); None: from scratch
+    config.init_from = config_dict.placeholder(str)  # fine-tune from a WORKDIR or a torchvision .pt/.safetensors
     config.init_from_step = "latest"  # init_from a WORKDIR: its "latest", "best" or a step number
-    config.export_formats = "stablehlo,onnx,savedmodel"  # --mode export: comma-separated formats written to WORKDIR/export/
+    config.export_formats = "stablehlo,onnx,savedmodel"  # --mode export: the formats written to WORKDIR/export/
     config.export_parity_examples = 256  # --mode export: test images each export must match the Flax model on
     return config

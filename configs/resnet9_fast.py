@@ -28,7 +28,9 @@ def get_config():
     config.nesterov = True
     config.weight_decay = 5e-4  # Page's 5e-4 x 512 on a summed loss at lr 0.4 / 512: the same step (kernels only here)
     config.label_smoothing = 0.2  # Page's bag of tricks ("very roughly hand-optimised")
-    config.ema_decay = 0.99  # ~100 steps averaged, about the last epoch (97 steps): Page's 0.99 (as 0.99^5 every 5 steps)
+    config.ema_decay = (
+        0.99  # ~100 steps averaged, about the last epoch (97 steps): Page's 0.99 (as 0.99^5 every 5 steps)
+    )
     config.eval_tta = "flip_translate"  # the flip and shifted copies (Page's bag of tricks: the flip alone)
     config.eval_every_epochs = 4.0
     return config

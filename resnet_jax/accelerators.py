@@ -30,7 +30,9 @@ def startup_line() -> str:
 def nvidia_driver(root: str = "/") -> Optional[str]:
     """The NVIDIA kernel driver's version if a GPU is visible on this machine, "" if the version
     is unknown, None if no NVIDIA GPU is visible."""
-    gpus = glob.glob(os.path.join(root, "proc/driver/nvidia/gpus/*")) or glob.glob(os.path.join(root, "dev/nvidia[0-9]*"))
+    gpus = glob.glob(os.path.join(root, "proc/driver/nvidia/gpus/*")) or glob.glob(
+        os.path.join(root, "dev/nvidia[0-9]*")
+    )
     if not gpus:
         return None
     try:

@@ -80,9 +80,7 @@ def close(manager: ocp.CheckpointManager) -> None:
 
 def _restore_step(manager, step: int, template):
     _drop_failed_restore_noise()
-    restored = manager.restore(
-        step, args=ocp.args.StandardRestore(flax.serialization.to_state_dict(template))
-    )
+    restored = manager.restore(step, args=ocp.args.StandardRestore(flax.serialization.to_state_dict(template)))
     return flax.serialization.from_state_dict(template, restored)
 
 
@@ -126,8 +124,9 @@ def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optiona
             for bad in steps[:i]:
                 os.replace(os.path.join(manager.directory, str(bad)), os.path.join(quarantine, str(bad)))
             manager.reload()
-            logging.warning("skipped unusable checkpoints %s (moved to %s); resuming from step %d",
-                            steps[:i], quarantine, step)
+            logging.warning(
+                "skipped unusable checkpoints %s (moved to %s); resuming from step %d", steps[:i], quarantine, step
+            )
         return state
     if steps:
         raise Error(
@@ -156,13 +155,9 @@ def select_step(manager: ocp.CheckpointManager, which: str) -> int:
         try:
             step = int(which)
         except ValueError:
-            raise Error(
-                f"eval_checkpoint_step must be 'latest', 'best' or a step number, got {which!r}"
-            ) from None
+            raise Error(f"eval_checkpoint_step must be 'latest', 'best' or a step number, got {which!r}") from None
     if step not in steps:
-        raise Error(
-            f"no checkpoint at step {which} in {manager.directory}; available: {', '.join(map(str, steps))}"
-        )
+        raise Error(f"no checkpoint at step {which} in {manager.directory}; available: {', '.join(map(str, steps))}")
     return step
 
 
@@ -196,4 +191,3 @@ def restore_variables(workdir: str, which: str):
     if restored.get("ema"):
         return step, {"params": restored["ema"]["params"], "batch_stats": restored["ema"]["batch_stats"]}
     return step, {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-

@@ -34,7 +34,9 @@ def validate(config, device_count: int = None) -> None:
         _positive(config, "model.num_filters")
     _choice("data.name", config.data.name, tuple(registry.DATASETS))
     if config.data.name == "folder" and not config.data.folder:
-        raise Error("--config.data.name=folder needs --config.data.folder=DIR (holding train/<class>/ and test/<class>/ images)")
+        raise Error(
+            "--config.data.name=folder needs --config.data.folder=DIR (holding train/<class>/ and test/<class>/ images)"
+        )
     _positive(config, "data.image_size")
     _choice("data.padding_mode", config.data.padding_mode, tuple(pipeline.PADDING_MODES))
     _choice("data.normalization", config.data.normalization, pipeline.NORMALIZATIONS)
@@ -43,7 +45,10 @@ def validate(config, device_count: int = None) -> None:
     _choice("schedule", config.schedule, train.SCHEDULES)
     _choice("eval_tta", config.eval_tta, train.TTA_MODES)
     if not 0 <= config.ema_decay < 1:
-        raise Error(f"--config.ema_decay must be in [0, 1) (0: off; 0.99 averages about the last 100 steps), got {config.ema_decay}")
+        raise Error(
+            f"--config.ema_decay must be in [0, 1) (0: off; 0.99 averages about the last 100 steps),"
+            f" got {config.ema_decay}"
+        )
     _positive(config, "batch_size", "eval_batch_size", "learning_rate", "base_batch_size")
     _positive(config, "log_every_steps", "checkpoint_every_steps", "eval_every_epochs", "keep_checkpoints")
     if config.num_train_steps <= 0:
@@ -67,7 +72,10 @@ def validate(config, device_count: int = None) -> None:
         if step not in ("latest", "best") and not step.isdigit():
             raise Error(f"--config.{name} must be 'latest', 'best' or a step number, got {step!r}")
     if not export_formats(config):
-        raise Error(f"--config.export_formats={config.export_formats!r} names no format; choose from {', '.join(EXPORT_FORMATS)}")
+        raise Error(
+            f"--config.export_formats={config.export_formats!r} names no format;"
+            f" choose from {', '.join(EXPORT_FORMATS)}"
+        )
     for name in export_formats(config):
         _choice("export_formats", name, EXPORT_FORMATS)
     _positive(config, "export_parity_examples")

@@ -6,8 +6,7 @@ import os
 
 import jax
 
-from resnet_jax import checkpoints, loop, parallel, plots, train
-from resnet_jax import workdir as workdir_lib
+from resnet_jax import checkpoints, loop, parallel, plots, train, workdir as workdir_lib
 from resnet_jax.data import registry
 
 
@@ -56,6 +55,10 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
             json.dump(report, f, indent=2)
-        plots.plot_confusion(confusion, dataset.class_names, os.path.join(workdir, f"confusion_{step}.png"),
-                             title=f"{config.model.name} step {step}: accuracy {result['accuracy']:.2%}")
+        plots.plot_confusion(
+            confusion,
+            dataset.class_names,
+            os.path.join(workdir, f"confusion_{step}.png"),
+            title=f"{config.model.name} step {step}: accuracy {result['accuracy']:.2%}",
+        )
     return report

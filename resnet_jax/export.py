@@ -58,7 +58,9 @@ def export_stablehlo(serve, image_shape, path):
     from jax import export as jax_export
 
     batch = jax_export.symbolic_shape("batch")
-    exported = jax_export.export(jax.jit(serve), platforms=PLATFORMS)(jax.ShapeDtypeStruct(batch + image_shape, jnp.uint8))
+    exported = jax_export.export(jax.jit(serve), platforms=PLATFORMS)(
+        jax.ShapeDtypeStruct(batch + image_shape, jnp.uint8)
+    )
     with open(path, "wb") as f:
         f.write(exported.serialize())
     with open(path, "rb") as f:
@@ -136,7 +138,8 @@ def parity(name, exported, reference, path) -> dict:
     if not (difference <= PARITY_ATOL and agreement == 1.0):
         raise RunFailure(
             f"the {name} export in {path} does not match the Flax model on {len(reference)} test images "
-            f"(max |logit difference| {difference:.3g}, limit {PARITY_ATOL}; top-1 agreement {agreement:.2%}); do not use it"
+            f"(max |logit difference| {difference:.3g}, limit {PARITY_ATOL};"
+            f" top-1 agreement {agreement:.2%}); do not use it"
         )
     return {"max_abs_logit_difference": difference, "top1_agreement": agreement}
 
@@ -154,7 +157,9 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     result = loop.evaluate(p_eval_step, parallel.replicate(state), dataset.test_images, dataset.test_labels, config)
     if jax.process_index() != 0:  # Every process evaluates; one writes.
         return None
-    logging.info("exporting the checkpoint at step %d (test accuracy %.4f) as %s", step, result["accuracy"], ", ".join(formats))
+    logging.info(
+        "exporting the checkpoint at step %d (test accuracy %.4f) as %s", step, result["accuracy"], ", ".join(formats)
+    )
 
     mean, std = pipeline.normalization(config.data, dataset)
     model = setup.model.clone(dtype=jnp.float32, axis_name=None)
@@ -175,18 +180,31 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
         "model": config.model.name,
         "class_names": list(dataset.class_names),
         "input": {
-            "name": "images", "dtype": "uint8", "shape": [None, *image_shape], "layout": "NHWC",
-            "channels": "RGB", "range": [0, 255], "batch": "any size",
+            "name": "images",
+            "dtype": "uint8",
+            "shape": [None, *image_shape],
+            "layout": "NHWC",
+            "channels": "RGB",
+            "range": [0, 255],
+            "batch": "any size",
         },
-        "output": {"name": "logits", "dtype": "float32", "shape": [None, dataset.num_classes],
-                   "meaning": "unnormalised class scores; softmax for probabilities"},
+        "output": {
+            "name": "logits",
+            "dtype": "float32",
+            "shape": [None, dataset.num_classes],
+            "meaning": "unnormalised class scores; softmax for probabilities",
+        },
         "normalization": {
             "applied": "inside the model: (image - mean) / std per channel, on 0-255 pixels",
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
         },
         "checkpoint": {
-            "workdir": os.path.abspath(workdir), "step": step, "test_accuracy": result["accuracy"],
-            "test_examples": result["num_examples"], "data": config.data.name,
+            "workdir": os.path.abspath(workdir),
+            "step": step,
+            "test_accuracy": result["accuracy"],
+            "test_examples": result["num_examples"],
+            "data": config.data.name,
         },
         "parity": {"test_images": len(images), "atol": PARITY_ATOL},
         "exports": exports,

@@ -53,7 +53,9 @@ def read_state_dict(path: str) -> dict:
             f"cannot read {path} as a state_dict of tensors with torch.load(weights_only=True): {first_line(e)}"
         ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise Error(f"{path} holds a {type(state_dict).__name__}, not a state_dict (a dict of parameter name -> tensor)")
+        raise Error(
+            f"{path} holds a {type(state_dict).__name__}, not a state_dict (a dict of parameter name -> tensor)"
+        )
     return {k: convert.to_numpy(v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
 
 
@@ -68,8 +70,10 @@ def read_source(config, model) -> Tuple[str, dict]:
     if not os.path.isfile(source):
         raise Error(f"--config.init_from={source!r} does not exist; give a run's workdir or a state_dict file")
     if not isinstance(model, models.ResNet):
-        raise Error(f"--config.init_from={source}: a torchvision-style state_dict fits the ResNets, not "
-                    f"{config.model.name}; give a {config.model.name} run's workdir instead")
+        raise Error(
+            f"--config.init_from={source}: a torchvision-style state_dict fits the ResNets, not "
+            f"{config.model.name}; give a {config.model.name} run's workdir instead"
+        )
     state_dict = read_state_dict(source)
     try:
         variables = convert.torch_to_flax(state_dict, model.stage_sizes, convert.block_name(model.block_cls))
@@ -115,7 +119,9 @@ def initial_state(config, setup):
     """`setup.initial_state` (fresh optimizer, step 0) with the weights `config.init_from` names."""
     description, loaded = read_source(config, setup.model)
     state = setup.initial_state
-    variables, new_head = merge(config, config.init_from, {"params": state.params, "batch_stats": state.batch_stats}, loaded)
+    variables, new_head = merge(
+        config, config.init_from, {"params": state.params, "batch_stats": state.batch_stats}, loaded
+    )
     logging.info(
         "fine-tuning from %s: loaded %d tensors%s",
         description,

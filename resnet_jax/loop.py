@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import checkpoints, finetune, parallel, plots, train
-from resnet_jax import workdir as workdir_lib
+from resnet_jax import checkpoints, finetune, parallel, plots, train, workdir as workdir_lib
 from resnet_jax.data import pipeline, registry
 from resnet_jax.errors import RunFailure
 
@@ -138,9 +137,13 @@ class Run:
             logging.info("resumed from the checkpoint at step %d", start_step)
         logging.info(
             "training %s on %s: %d steps (%d per epoch), %d devices on %d processes",
-            config.model.name, config.data.name, setup.num_steps, setup.steps_per_epoch,
-            jax.device_count(), jax.process_count(),
-        )  # fmt: skip
+            config.model.name,
+            config.data.name,
+            setup.num_steps,
+            setup.steps_per_epoch,
+            jax.device_count(),
+            jax.process_count(),
+        )
         self.progress = _progress_bar(self.is_main, start_step, setup.num_steps)
         self.start_step, self.last_saved = start_step, start_step or None
         self.compile_seconds = None  # the first step's wall time (its compilation), until a record reports it
@@ -165,7 +168,8 @@ class Run:
             where = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved"
             raise RunFailure(
                 f"the loss became {float(sums['loss'])} (not finite) at step {bad}; {where} in "
-                f"{checkpoints.checkpoint_dir(self.workdir)}. Lower --config.learning_rate or set --config.grad_clip_norm"
+                f"{checkpoints.checkpoint_dir(self.workdir)}."
+                f" Lower --config.learning_rate or set --config.grad_clip_norm"
             )
         return sums
 
@@ -174,11 +178,15 @@ class Run:
         sums = self.train_metrics(state)
         now = time.perf_counter()
         record = {
-            "step": step, "epoch": step / self.setup.steps_per_epoch, "split": "train",
-            "loss": float(sums["loss"] / sums["count"]), "accuracy": float(sums["accuracy"] / sums["count"]),
+            "step": step,
+            "epoch": step / self.setup.steps_per_epoch,
+            "split": "train",
+            "loss": float(sums["loss"] / sums["count"]),
+            "accuracy": float(sums["accuracy"] / sums["count"]),
             "learning_rate": float(self.setup.learning_rate_fn(step - 1)),
-            "images_per_sec": self.clock.images_per_sec(step, now), "elapsed_seconds": now - self.clock.started,
-        }  # fmt: skip
+            "images_per_sec": self.clock.images_per_sec(step, now),
+            "elapsed_seconds": now - self.clock.started,
+        }
         if self.compile_seconds is not None:
             record["compile_seconds"], self.compile_seconds = self.compile_seconds, None
         self.clock.lap(step, now)
@@ -193,10 +201,17 @@ class Run:
             result = evaluate(p_eval_step, state, images, labels, self.config)
             accuracy[split] = result["accuracy"]
             now = time.perf_counter()
-            self._write({
-                "step": step, "epoch": step / self.setup.steps_per_epoch, "split": split, "loss": result["loss"],
-                "accuracy": result["accuracy"], "eval_seconds": now - began, "elapsed_seconds": now - self.clock.started,
-            })  # fmt: skip
+            self._write(
+                {
+                    "step": step,
+                    "epoch": step / self.setup.steps_per_epoch,
+                    "split": split,
+                    "loss": result["loss"],
+                    "accuracy": result["accuracy"],
+                    "eval_seconds": now - began,
+                    "elapsed_seconds": now - self.clock.started,
+                }
+            )
         if self.log:
             plots.plot_curves(self.workdir)
         # The kept "best" checkpoint is chosen on validation only, never on test.

@@ -225,8 +225,13 @@ class ResNet9(nn.Module):
             x = conv_bn(x, self.num_filters * 2**i, f"layer{i}")
             x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
             if residual:
-                x = Residual(conv=conv, norm=norm, act=self.act, zero_init_last=self.zero_init_residual,
-                             name=f"layer{i}_residual")(x)
+                x = Residual(
+                    conv=conv,
+                    norm=norm,
+                    act=self.act,
+                    zero_init_last=self.zero_init_residual,
+                    name=f"layer{i}_residual",
+                )(x)
         x = jnp.max(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
         return x.astype(jnp.float32) * 0.125  # Page's fixed logit scale, his Mul(weight=0.125)

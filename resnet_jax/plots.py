@@ -1,6 +1,6 @@
 """Plots of a run, drawn with matplotlib's headless backend.
 
-    python -m resnet_jax.plots WORKDIR    # redraws WORKDIR/curves.png, also while the run goes on
+python -m resnet_jax.plots WORKDIR    # redraws WORKDIR/curves.png, also while the run goes on
 """
 
 import argparse
@@ -31,8 +31,15 @@ def plot_confusion(confusion, class_names, path: str, title: str = "") -> None:
         threshold = confusion.max() / 2
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if confusion[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(confusion[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if confusion[i, j] > threshold else "black",
+                )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

@@ -21,6 +21,7 @@ from resnet_jax import evaluate, train
 from resnet_jax.data.images import load_image
 from resnet_jax.errors import Error
 
+
 def predict_step(state, images, *, preprocess_fn, tta="none"):
     """Class probabilities of uint8 images, preprocessed and applied as in eval_step."""
     apply = functools.partial(state.apply_fn, train.eval_variables(state), train=False)

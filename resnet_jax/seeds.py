@@ -22,7 +22,7 @@ SPLITS = ("validation", "test")
 
 
 def parse(text: str) -> List[int]:
-    """"3" -> [0, 1, 2]; "0,5,7" -> [0, 5, 7]."""
+    """ "3" -> [0, 1, 2]; "0,5,7" -> [0, 5, 7]."""
     try:
         seeds = [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
     except ValueError:
@@ -67,7 +67,8 @@ def table(summary: dict, title: str) -> str:
         lines.append(f"| {seed} | {r['step']} | " + " | ".join(f"{100 * r[s]:.2f}" for s in splits) + " |")
     lines.append(
         f"| mean ± std (n={len(summary['seeds'])}) | | "
-        + " | ".join(f"{100 * summary[s]['mean']:.2f} ± {100 * summary[s]['std']:.2f}" for s in splits) + " |"
+        + " | ".join(f"{100 * summary[s]['mean']:.2f} ± {100 * summary[s]['std']:.2f}" for s in splits)
+        + " |"
     )
     return "\n".join(lines) + "\n"
 

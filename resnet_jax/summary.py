@@ -37,8 +37,11 @@ def summarize(config) -> str:
     variables = jax.eval_shape(functools.partial(model.init, train=False), rng, image)
     params, stats = models.num_params(variables["params"]), models.num_params(variables["batch_stats"])
     lines = [line.rstrip() for line in table.splitlines()]
-    return "\n".join(lines + [
-        f"{config.model.name} for {config.data.name} ({num_classes} classes, {config.model.dtype}): "
-        f"{params:,} trained parameters + {stats:,} BatchNorm statistics = {params + stats:,} variables",
-        f"Forward FLOPs per {image_shape[0]}x{image_shape[1]} image: {forward_flops(model, variables, image):,}",
-    ])
+    return "\n".join(
+        lines
+        + [
+            f"{config.model.name} for {config.data.name} ({num_classes} classes, {config.model.dtype}): "
+            f"{params:,} trained parameters + {stats:,} BatchNorm statistics = {params + stats:,} variables",
+            f"Forward FLOPs per {image_shape[0]}x{image_shape[1]} image: {forward_flops(model, variables, image):,}",
+        ]
+    )

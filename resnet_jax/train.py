@@ -39,7 +39,12 @@ class TrainState(train_state.TrainState):
 
 def empty_train_metrics():
     """Sums of loss and accuracy over `count` steps, and the first step whose loss was not finite."""
-    return {"loss": jnp.float32(0), "accuracy": jnp.float32(0), "count": jnp.int32(0), "first_nonfinite_step": jnp.int32(-1)}
+    return {
+        "loss": jnp.float32(0),
+        "accuracy": jnp.float32(0),
+        "count": jnp.int32(0),
+        "first_nonfinite_step": jnp.int32(-1),
+    }
 
 
 # ------------------------------------------------------------------ model, optimizer, state
@@ -162,7 +167,9 @@ def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, la
     batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
     loss, accuracy = jax.lax.pmean((loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"])), parallel.AXIS)
     sums = state.train_metrics
-    first_bad = jnp.where((sums["first_nonfinite_step"] < 0) & ~jnp.isfinite(loss), state.step + 1, sums["first_nonfinite_step"])
+    first_bad = jnp.where(
+        (sums["first_nonfinite_step"] < 0) & ~jnp.isfinite(loss), state.step + 1, sums["first_nonfinite_step"]
+    )
     train_metrics = {
         "loss": sums["loss"] + loss,
         "accuracy": sums["accuracy"] + accuracy,
@@ -183,6 +190,7 @@ def tta_logits(apply_fn: Callable, images, tta: str = "none"):
     """Logits of normalised images, averaged over test-time views. "flip" averages each image
     and its mirror; "flip_translate" is airbench's scheme: half that, and half the same over
     the image shifted one pixel up-left and one down-right (reflect padding)."""
+
     def mirrored(x):
         return apply_fn(x) if tta == "none" else 0.5 * (apply_fn(x) + apply_fn(x[:, :, ::-1]))
 
@@ -203,7 +211,9 @@ def eval_step(state: TrainState, batch, *, preprocess_fn: Callable, tta: str = "
     mask = batch["mask"]
     predictions = jnp.argmax(logits, -1)
     confusion = jnp.einsum(
-        "bi,bj->ij", jax.nn.one_hot(batch["label"], num_classes) * mask[:, None], jax.nn.one_hot(predictions, num_classes)
+        "bi,bj->ij",
+        jax.nn.one_hot(batch["label"], num_classes) * mask[:, None],
+        jax.nn.one_hot(predictions, num_classes),
     )
     sums = {
         "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask),
@@ -260,7 +270,11 @@ class Setup:
         config = self.config
         steps = range(start_step, self.num_steps if stop_step is None else stop_step)
         batches = pipeline.train_batches(
-            self.dataset.train_images, self.dataset.train_labels, steps,
-            batch_size=config.batch_size, seed=config.seed, part=parallel.process_slice(config.batch_size),
+            self.dataset.train_images,
+            self.dataset.train_labels,
+            steps,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            part=parallel.process_slice(config.batch_size),
         )
         return parallel.device_batches(batches, devices)

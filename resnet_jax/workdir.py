@@ -1,10 +1,10 @@
 """The run's folder: its lock, its saved config and its metrics log.
 
-    workdir/config.json      the resolved config of the run
-    workdir/metrics.jsonl    one JSON record a line, appended across resumes
-    workdir/events.out.*     TensorBoard event files
-    workdir/checkpoints/     orbax checkpoints
-    workdir/lock             pid and host of the run using the folder
+workdir/config.json      the resolved config of the run
+workdir/metrics.jsonl    one JSON record a line, appended across resumes
+workdir/events.out.*     TensorBoard event files
+workdir/checkpoints/     orbax checkpoints
+workdir/lock             pid and host of the run using the folder
 """
 
 import json
@@ -16,7 +16,15 @@ from typing import Optional
 from resnet_jax.errors import Error
 
 # Fields that make a resumed run meaningless when they change.
-RESUME_FIELDS = ("model.name", "model.stem", "model.num_filters", "data.name", "data.validation_examples", "batch_size", "ema_decay")
+RESUME_FIELDS = (
+    "model.name",
+    "model.stem",
+    "model.num_filters",
+    "data.name",
+    "data.validation_examples",
+    "batch_size",
+    "ema_decay",
+)
 
 
 def prepare(workdir: str) -> None:

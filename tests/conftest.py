@@ -18,9 +18,7 @@ from resnet_jax.data import tfds_writer  # noqa: E402
 # CIFAR-10's real images (JPEG folders, .tar.xz): the tests' data sets are made of them where the
 # archive exists (this repository's workplace keeps it in ../shared/data), and of the writer's
 # learnable synthetic stand-ins elsewhere, so the suite runs anywhere the package is installed.
-CIFAR10_ARCHIVE = os.environ.get(
-    "CIFAR10_ARCHIVE", os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.tar.xz")
-)
+CIFAR10_ARCHIVE = os.environ.get("CIFAR10_ARCHIVE", os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.tar.xz"))
 
 
 def make_tfds_cifar10(data_dir, train, test):
@@ -52,5 +50,9 @@ def run_cli(*args, timeout=300, env=None, cwd=ROOT):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "run.py"), *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
     )

@@ -10,8 +10,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from resnet_jax import models
 
 
@@ -19,7 +19,10 @@ def run_benchmark(script, *args):
     """The JSON line `benchmarks/SCRIPT ARGS --json` prints, run in a subprocess (8 CPU devices)."""
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--json"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout
@@ -28,10 +31,26 @@ def run_benchmark(script, *args):
 
 @pytest.mark.slow
 def test_throughput_reports_train_eval_compile_and_memory():
-    result = run_benchmark("throughput.py", "--model", "resnet8", "--batch-size", "16", "--eval-batch-size", "40",
-                           "--steps", "2", "--repeats", "1")
+    result = run_benchmark(
+        "throughput.py",
+        "--model",
+        "resnet8",
+        "--batch-size",
+        "16",
+        "--eval-batch-size",
+        "40",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+    )
     assert result["backend"] == "cpu" and result["devices"] == 8
-    assert (result["model"], result["batch_size"], result["eval_batch_size"], result["dtype"]) == ("resnet8", 16, 40, "float32")
+    assert (result["model"], result["batch_size"], result["eval_batch_size"], result["dtype"]) == (
+        "resnet8",
+        16,
+        40,
+        "float32",
+    )
     for key in ("train_images_per_sec", "eval_images_per_sec", "compile_seconds", "peak_host_memory_mb"):
         assert result[key] > 0, key
     assert result["augmentation_share"] < 1
@@ -52,7 +71,9 @@ def test_throughput_reports_train_eval_compile_and_memory():
 
 @pytest.mark.slow
 def test_input_pipeline_reports_host_and_transfer_rates():
-    result = run_benchmark("input_pipeline.py", "--batch-size", "64", "--num-train", "1000", "--steps", "3", "--repeats", "1")
+    result = run_benchmark(
+        "input_pipeline.py", "--batch-size", "64", "--num-train", "1000", "--steps", "3", "--repeats", "1"
+    )
     assert (result["batch_size"], result["num_train"], result["devices"]) == (64, 1000, 8)
     assert result["host_images_per_sec"] > 0 and result["images_per_sec"] > 0
 
@@ -71,7 +92,8 @@ def test_conv_ops_times_every_convolution_of_the_model(name):
     model = models.get_model(name, num_classes=10, stem="cifar")
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     kernels = collections.Counter(
-        (k, cin, cout) for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+        (k, cin, cout)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
         if jax.tree_util.keystr(path).endswith("['kernel']") and leaf.ndim == 4
         for k, _, cin, cout in [leaf.shape]
     )

@@ -8,7 +8,6 @@ import pytest
 
 from conftest import ROOT, run_cli
 from resnet_jax import config_checks, train
-from resnet_jax.errors import Error
 
 CONFIG_NAMES = sorted(
     os.path.splitext(os.path.basename(p))[0]
@@ -22,7 +21,17 @@ def load(name):
 
 
 def test_the_configs_the_readme_promises_exist():
-    assert {"default", "resnet18", "resnet20", "resnet56", "resnet110", "seed", "smoke", "resnet9_fast", "cifar100"} <= set(CONFIG_NAMES)
+    assert {
+        "default",
+        "resnet18",
+        "resnet20",
+        "resnet56",
+        "resnet110",
+        "seed",
+        "smoke",
+        "resnet9_fast",
+        "cifar100",
+    } <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -51,8 +60,19 @@ def test_flagship_and_he_recipes():
 
 def test_page_resnet9_and_cifar100_recipes():
     fast = load("resnet9_fast")
-    assert (fast.model.name, fast.batch_size, fast.num_epochs, fast.nesterov, fast.data.cutout) == ("resnet9", 512, 24, True, 8)
-    assert (fast.weight_decay, fast.label_smoothing, fast.ema_decay, fast.eval_tta) == (5e-4, 0.2, 0.99, "flip_translate")
+    assert (fast.model.name, fast.batch_size, fast.num_epochs, fast.nesterov, fast.data.cutout) == (
+        "resnet9",
+        512,
+        24,
+        True,
+        8,
+    )
+    assert (fast.weight_decay, fast.label_smoothing, fast.ema_decay, fast.eval_tta) == (
+        5e-4,
+        0.2,
+        0.99,
+        "flip_translate",
+    )
     # CIFAR-10's 50,000 images at batch 512: 97 steps an epoch, 2,328 in all; lr 0 -> 0.4 at epoch 5 -> 0.
     schedule = train.create_learning_rate_fn(fast, steps_per_epoch=97, num_steps=2328)
     assert [float(schedule(s)) for s in (0, 485, 2328)] == pytest.approx([0.0, 0.4, 0.0], abs=1e-6)
@@ -120,8 +140,14 @@ def test_a_config_file_that_raises_is_reported(tmp_path):
 
 
 def test_resnet_jax_debug_shows_the_traceback(tmp_path):
-    result = run_cli("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"), "--config.batch_size=0",
-                     env={"RESNET_JAX_DEBUG": "1"})
+    result = run_cli(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.batch_size=0",
+        env={"RESNET_JAX_DEBUG": "1"},
+    )
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
     assert "resnet_jax.errors.Error: --config.batch_size must be positive" in result.stderr

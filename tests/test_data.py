@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_ARCHIVE, ROOT
 from configs import default
+from conftest import CIFAR10_ARCHIVE, ROOT
 from resnet_jax import parallel
 from resnet_jax.data import pipeline, registry
 from resnet_jax.data.dataset import channel_stats, validation_indices
@@ -63,8 +63,7 @@ def test_validation_split_is_fixed_balanced_and_disjoint_from_training(dataset, 
     np.testing.assert_allclose(held.mean, channel_stats(held.train_images)[0])
     # Not drawn from config.seed or anything of the device layout: a function of the labels and N only.
     labels = dataset.train_labels
-    np.testing.assert_array_equal(validation_indices(labels, 205, 10),
-                                  validation_indices(labels.copy(), 205, 10))
+    np.testing.assert_array_equal(validation_indices(labels, 205, 10), validation_indices(labels.copy(), 205, 10))
     with pytest.raises(Error, match="asks for 201 examples of class 0, but the train split has 200"):
         validation_indices(labels, 2010, 10)
 
@@ -108,8 +107,9 @@ def test_process_slices_are_disjoint_and_complete():
     for processes in (1, 2, 4):
         parts = [
             parallel.shard(
-                pipeline.train_batch(images, labels, 7, batch_size=64, seed=1,
-                                     part=parallel.process_slice(64, p, processes)),
+                pipeline.train_batch(
+                    images, labels, 7, batch_size=64, seed=1, part=parallel.process_slice(64, p, processes)
+                ),
                 8 // processes,
             )
             for p in range(processes)
@@ -128,7 +128,9 @@ def test_eval_sees_every_example_exactly_once(processes, devices):
     images = np.zeros((n, 1, 1, 1), np.uint8)
     seen = []
     for p in range(processes):
-        for batch in pipeline.eval_batches(images, labels, batch_size=80, part=parallel.process_slice(80, p, processes)):
+        for batch in pipeline.eval_batches(
+            images, labels, batch_size=80, part=parallel.process_slice(80, p, processes)
+        ):
             batch = parallel.shard(batch, devices)
             assert batch["image"].shape[:2] == (devices, 80 // processes // devices)
             seen.extend(batch["label"][batch["mask"] == 1].tolist())
@@ -142,19 +144,22 @@ def known_images(n=6, size=8):
 @pytest.mark.parametrize("mode", ["zero", "reflect"])
 def test_crop_is_a_window_of_the_padded_image_and_flip_mirrors_it(mode):
     images = known_images()
-    out, keep = pipeline.augment(
-        jax.random.key(0), images, jnp.arange(6), crop_padding=2, padding_mode=mode
-    )
+    out, keep = pipeline.augment(jax.random.key(0), images, jnp.arange(6), crop_padding=2, padding_mode=mode)
     assert out.dtype == jnp.uint8 and out.shape == images.shape
     np.testing.assert_array_equal(keep, 1.0)
-    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode={"zero": "constant", "reflect": "reflect"}[mode])
+    padded = np.pad(
+        np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode={"zero": "constant", "reflect": "reflect"}[mode]
+    )
     windows = set()
     for i in range(6):
         matches = [
             (dy, dx, flip)
-            for dy in range(5) for dx in range(5) for flip in (False, True)
+            for dy in range(5)
+            for dx in range(5)
+            for flip in (False, True)
             if np.array_equal(
-                np.asarray(out[i]), padded[i, dy : dy + 8, dx : dx + 8][:, ::-1] if flip else padded[i, dy : dy + 8, dx : dx + 8]
+                np.asarray(out[i]),
+                padded[i, dy : dy + 8, dx : dx + 8][:, ::-1] if flip else padded[i, dy : dy + 8, dx : dx + 8],
             )
         ]
         assert matches, f"example {i} is not a (mirrored) window of its padded image"
@@ -258,7 +263,8 @@ def test_training_on_array_record_data_never_imports_tensorflow(small_data_dir):
         print("tensorflow" in sys.modules, jax.local_device_count())
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "8"]

@@ -13,8 +13,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_dry_run_completes_every_stage_and_writes_every_field(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), "--out", str(tmp_path),
-                           "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), "--out", str(tmp_path), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "device_check.json").read_text())
     log = (tmp_path / "device_check.log").read_text()
@@ -43,11 +48,25 @@ def test_dry_run_completes_every_stage_and_writes_every_field(tmp_path):
 
 
 def test_a_stage_that_would_overrun_the_budget_is_skipped_with_a_message(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), "--out", str(tmp_path),
-                           "--dry-run", "--budget", "12"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "device_check.py"),
+            "--out",
+            str(tmp_path),
+            "--dry-run",
+            "--budget",
+            "12",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "device_check.json").read_text())
     skipped = [s for s in ("setup", "newest_jax", "speed", "time_to_accuracy") if result[s]["status"] == "skipped"]
-    assert skipped and all("left of the budget" in result[s]["message"] or "no data set" in result[s]["message"]
-                           for s in skipped)
+    assert skipped and all(
+        "left of the budget" in result[s]["message"] or "no data set" in result[s]["message"] for s in skipped
+    )
     assert result["total_seconds"] < 12 + 30  # A running command is killed when the budget runs out.

@@ -10,13 +10,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_predict import smoke_run_workdir
 
-from conftest import ROOT, run_cli
 from configs import smoke
+from conftest import ROOT, run_cli
 from resnet_jax import checkpoints, config_checks, export, models, train
 from resnet_jax.data import registry
 from resnet_jax.errors import Error, RunFailure
-from test_predict import smoke_run_workdir
 
 ATOL = 1e-4
 
@@ -42,8 +42,16 @@ def exported(tiny_data_dir, tmp_path_factory):
     shutil.copytree(smoke_run_workdir(tiny_data_dir, tmp_path_factory), workdir)
     # One device: the export is under test here, not the pmapped evaluation (tested on 8 elsewhere);
     # measured 44 s against 48 s with 8 on two busy cores.
-    result = run_cli("--config", "configs/smoke.py", "--workdir", workdir, f"--config.data.data_dir={tiny_data_dir}",
-                     "--mode", "export", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    result = run_cli(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        workdir,
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--mode",
+        "export",
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result.stdout
 
@@ -81,8 +89,11 @@ def run_savedmodel(path, images):
     return tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
 
 
-RUNTIMES = {"stablehlo": ("model.stablehlo", run_stablehlo), "onnx": ("model.onnx", run_onnx),
-            "savedmodel": ("saved_model", run_savedmodel)}
+RUNTIMES = {
+    "stablehlo": ("model.stablehlo", run_stablehlo),
+    "onnx": ("model.onnx", run_onnx),
+    "savedmodel": ("saved_model", run_savedmodel),
+}
 
 
 @pytest.mark.slow
@@ -104,8 +115,15 @@ def test_the_json_beside_the_model_describes_it(exported, dataset, flax_logits):
     with open(os.path.join(workdir, "export", "model.json")) as f:
         report = json.load(f)
     assert report["class_names"] == list(dataset.class_names)
-    assert report["input"] == {"name": "images", "dtype": "uint8", "shape": [None, 32, 32, 3], "layout": "NHWC",
-                               "channels": "RGB", "range": [0, 255], "batch": "any size"}
+    assert report["input"] == {
+        "name": "images",
+        "dtype": "uint8",
+        "shape": [None, 32, 32, 3],
+        "layout": "NHWC",
+        "channels": "RGB",
+        "range": [0, 255],
+        "batch": "any size",
+    }
     assert report["output"]["shape"] == [None, 10] and report["output"]["dtype"] == "float32"
     np.testing.assert_allclose(report["normalization"]["mean"], dataset.mean, rtol=1e-6)
     np.testing.assert_allclose(report["normalization"]["std"], dataset.std, rtol=1e-6)
@@ -138,7 +156,9 @@ def test_formats_are_validated_and_missing_packages_named(monkeypatch):
         config_checks.validate(config, device_count=1)
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None)
     export.check_packages(["stablehlo"])
-    with pytest.raises(Error, match=r"exporting onnx needs jax2onnx and onnxruntime: pip install -c constraints.txt -e '\.\[export\]'"):
+    with pytest.raises(
+        Error, match=r"exporting onnx needs jax2onnx and onnxruntime: pip install -c constraints.txt -e '\.\[export\]'"
+    ):
         export.check_packages(["stablehlo", "onnx"])
 
 
@@ -154,9 +174,12 @@ def test_onnx_converts_what_the_smoke_model_lacks(tmp_path, stem, stage_sizes, n
     """The ImageNet stem's padded max-pool, projection shortcuts, and two blocks in a stage: each
     failed through jax2onnx 0.13.0 before the workarounds in models.py and export.export_onnx."""
     pytest.importorskip("jax2onnx", reason="the [export] extra is not installed")
-    model = models.ResNet(stage_sizes=stage_sizes, block_cls=models.BasicBlock, num_classes=10,
-                          num_filters=num_filters, stem=stem)
-    variables = jax.jit(lambda key: model.init(key, np.zeros((1, 32, 32, 3), np.float32), train=False))(jax.random.key(0))
+    model = models.ResNet(
+        stage_sizes=stage_sizes, block_cls=models.BasicBlock, num_classes=10, num_filters=num_filters, stem=stem
+    )
+    variables = jax.jit(lambda key: model.init(key, np.zeros((1, 32, 32, 3), np.float32), train=False))(
+        jax.random.key(0)
+    )
     serve = export.serving_function(model, variables, np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32))
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     reference = np.asarray(jax.jit(serve)(images))

@@ -9,17 +9,23 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
+from test_image_folder import make_folder
 
-from conftest import CIFAR10_ARCHIVE, run_cli
 from configs import smoke
+from conftest import CIFAR10_ARCHIVE, run_cli
 from resnet_jax import convert, finetune, models, train, workdir as workdir_lib
 from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import Error
-from test_image_folder import make_folder
 
 # The same short recipe for the fine-tuned and the from-scratch run on the image folder.
-RECIPE = ("--config.num_train_steps=20", "--config.learning_rate=0.02", "--config.schedule=constant",
-          "--config.warmup_epochs=0", "--config.eval_every_epochs=100", "--config.log_every_steps=10")
+RECIPE = (
+    "--config.num_train_steps=20",
+    "--config.learning_rate=0.02",
+    "--config.schedule=constant",
+    "--config.warmup_epochs=0",
+    "--config.eval_every_epochs=100",
+    "--config.log_every_steps=10",
+)
 
 
 def fake_dataset(num_classes: int, size: int = 32) -> Dataset:
@@ -27,8 +33,16 @@ def fake_dataset(num_classes: int, size: int = 32) -> Dataset:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     labels = np.arange(64, dtype=np.int32) % num_classes
-    return Dataset("fake", tuple(f"c{i}" for i in range(num_classes)), images, labels, images, labels,
-                                  np.full(3, 127.0, np.float32), np.full(3, 64.0, np.float32))
+    return Dataset(
+        "fake",
+        tuple(f"c{i}" for i in range(num_classes)),
+        images,
+        labels,
+        images,
+        labels,
+        np.full(3, 127.0, np.float32),
+        np.full(3, 64.0, np.float32),
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,15 +56,19 @@ def random_variables(setup: train.Setup, seed: int) -> dict:
     """Random variables shaped as the setup model's (none equal to its initial ones)."""
     rng = np.random.default_rng(seed)
     state = setup.initial_state
-    return jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32),
-                        {"params": state.params, "batch_stats": state.batch_stats})
+    return jax.tree.map(
+        lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32),
+        {"params": state.params, "batch_stats": state.batch_stats},
+    )
 
 
 def torchvision_state_dict(variables: dict, stage_sizes, block: str = "basic") -> dict:
     """`variables` under torchvision's ResNet names and layouts: the inverse of convert.torch_to_flax."""
     params = variables["params"]
-    has_projection = lambda prefix: "proj_conv" in params.get(  # noqa: E731
-        "stage{}_block{}".format(int(prefix[5]), int(prefix.split(".")[1]) + 1), {})
+
+    def has_projection(prefix):  # "layer2.0" -> stage2_block1
+        return "proj_conv" in params.get(f"stage{int(prefix[5])}_block{int(prefix.split('.')[1]) + 1}", {})
+
     state_dict = {}
     for key, collection, path, _ in convert.key_map(stage_sizes, block, has_projection):
         value = np.asarray(traverse_util.flatten_dict(variables[collection])[path])
@@ -115,7 +133,9 @@ def test_torch_load_reads_weights_only(tmp_path):
             return open, (str(marker), "w")
 
     torch.save({"conv1.weight": torch.zeros(1), "extra": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(Error, match=r"cannot read .*evil\.pt as a state_dict of tensors with torch\.load\(weights_only=True\)"):
+    with pytest.raises(
+        Error, match=r"cannot read .*evil\.pt as a state_dict of tensors with torch\.load\(weights_only=True\)"
+    ):
         fine_tune_state(smoke_setup(10), tmp_path / "evil.pt")
     assert not marker.exists()
 
@@ -123,7 +143,9 @@ def test_torch_load_reads_weights_only(tmp_path):
 def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tmp_path):
     state_dict = torchvision_state_dict(random_variables(smoke_setup(10), seed=3), (1, 1, 1))
     wide = dict(state_dict, **{"conv1.weight": np.ones((16, 3, 3, 3), np.float32)})  # a stem of 16 filters
-    wide.update({f"bn1.{field}": np.ones(16, np.float32) for field in ("weight", "bias", "running_mean", "running_var")})
+    wide.update(
+        {f"bn1.{field}": np.ones(16, np.float32) for field in ("weight", "bias", "running_mean", "running_var")}
+    )
     save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(Error) as raised:
         fine_tune_state(smoke_setup(10), tmp_path / "wide.safetensors")
@@ -159,7 +181,9 @@ def test_a_state_dict_fits_the_resnets_only(tmp_path):
     config.model.name = "resnet9"
     config.init_from = str(tmp_path / "weights.safetensors")
     save_file({"conv1.weight": np.zeros((64, 3, 3, 3), np.float32)}, config.init_from)
-    with pytest.raises(Error, match=r"a torchvision-style state_dict fits the ResNets, not resnet9; give a resnet9 run's workdir"):
+    with pytest.raises(
+        Error, match=r"a torchvision-style state_dict fits the ResNets, not resnet9; give a resnet9 run's workdir"
+    ):
         finetune.read_source(config, models.get_model("resnet9", num_classes=10))
 
 
@@ -189,7 +213,9 @@ def planes_and_cars(tmp_path_factory):
 
 
 def last_test_accuracy(workdir) -> float:
-    return [r for r in workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "test"][-1]["accuracy"]
+    return [r for r in workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "test"][-1][
+        "accuracy"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +226,16 @@ def fine_tuned(pretrained, planes_and_cars, tmp_path_factory):
     run_smoke(scratch, *folder)
     workdir = str(tmp_path_factory.mktemp("fine_tuned"))
     result = run_smoke(workdir, *folder, f"--config.init_from={pretrained}")
-    assert (f"fine-tuning from the checkpoint at step 248 of {pretrained}: loaded 35 tensors; "
-            "the head is new (2 classes)") in result.stderr
+    assert (
+        f"fine-tuning from the checkpoint at step 248 of {pretrained}: loaded 35 tensors; the head is new (2 classes)"
+    ) in result.stderr
     return workdir, {"fine_tuned": last_test_accuracy(workdir), "scratch": last_test_accuracy(scratch)}
 
 
-@pytest.mark.skipif(not os.path.exists(CIFAR10_ARCHIVE), reason="the gain is measured on real images, not the "
-                    "synthetic stand-ins (both runs learn those at once)")
+@pytest.mark.skipif(
+    not os.path.exists(CIFAR10_ARCHIVE),
+    reason="the gain is measured on real images, not the synthetic stand-ins (both runs learn those at once)",
+)
 @pytest.mark.slow
 def test_fine_tuning_beats_training_from_scratch(fine_tuned):
     _, accuracies = fine_tuned
@@ -222,7 +251,10 @@ def test_folder_class_names_reach_predict_and_export(fine_tuned, planes_and_cars
     folder = ("--config.data.name=folder", f"--config.data.folder={planes_and_cars}")
     image = os.path.join(planes_and_cars, "test", "automobile", "0000.jpg")
     result = run_smoke(workdir, *folder, "--mode", "predict", "--json", image)
-    assert {t["class"] for t in json.loads(result.stdout.strip().splitlines()[-1])["top3"]} == {"airplane", "automobile"}
+    assert {t["class"] for t in json.loads(result.stdout.strip().splitlines()[-1])["top3"]} == {
+        "airplane",
+        "automobile",
+    }
     run_smoke(workdir, *folder, "--mode", "export", "--config.export_formats=stablehlo")
     with open(os.path.join(workdir, "export", "model.json")) as f:
         report = json.load(f)
@@ -236,10 +268,18 @@ def test_a_resumed_fine_tune_does_not_import_the_weights_again(fine_tuned, plane
     weights again would fail on an init_from that no longer exists."""
     workdir, _ = fine_tuned
     gone = str(tmp_path / "moved_away")
-    result = run_smoke(workdir, "--config.data.name=folder", f"--config.data.folder={planes_and_cars}",
-                       *RECIPE, "--config.num_train_steps=22", f"--config.init_from={gone}")
+    result = run_smoke(
+        workdir,
+        "--config.data.name=folder",
+        f"--config.data.folder={planes_and_cars}",
+        *RECIPE,
+        "--config.num_train_steps=22",
+        f"--config.init_from={gone}",
+    )
     assert "resumed from the checkpoint at step 20" in result.stderr and "fine-tuning" not in result.stderr
-    assert last_test_accuracy(workdir) > 0 and max(r["step"] for r in workdir_lib.read_metrics(
-        os.path.join(workdir, "metrics.jsonl"))) == 22
+    assert (
+        last_test_accuracy(workdir) > 0
+        and max(r["step"] for r in workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))) == 22
+    )
     with pytest.raises(Error, match="does not exist; give a run's workdir or a state_dict file"):
         fine_tune_state(smoke_setup(10), gone)  # what a new run would say

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CIFAR10_ARCHIVE, run_cli
 from configs import smoke
+from conftest import CIFAR10_ARCHIVE, run_cli
 from resnet_jax import config_checks, summary
 from resnet_jax.data import folder, registry, tfds_writer
 from resnet_jax.errors import Error
+
 
 @functools.lru_cache(maxsize=1)
 def cifar_test_jpegs(per_class: int = 400) -> dict:
@@ -104,8 +105,14 @@ def test_folder_mistakes_are_one_line_naming_the_path(tmp_path, problem):
 def test_the_cli_reports_a_folder_mistake_in_one_line(tmp_path):
     root = make_folder(tmp_path / "data", ["cat", "dog"], train=2, test=1)
     os.rename(os.path.join(root, "test", "dog"), os.path.join(root, "test", "horse"))
-    result = run_cli("--config", "configs/smoke.py", "--workdir", str(tmp_path / "run"),
-                     "--config.data.name=folder", f"--config.data.folder={root}")
+    result = run_cli(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.data.name=folder",
+        f"--config.data.folder={root}",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: the class folders of {root}/train")
     assert "Traceback" not in result.stderr

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
-from flax import traverse_util
+from flax import linen as nn, traverse_util
 
 from resnet_jax import models
 
@@ -67,9 +66,7 @@ def test_resnet9_residuals_start_as_identities_with_zero_init_residual():
 def test_every_model_maps_32x32_images_to_logits(name):
     model = models.get_model(name, num_classes=7)
     variables = abstract_variables(model)
-    logits = jax.eval_shape(
-        functools.partial(model.apply, train=False), variables, jnp.zeros((2, 32, 32, 3))
-    )
+    logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, jnp.zeros((2, 32, 32, 3)))
     chex.assert_shape(logits, (2, 7))
     assert logits.dtype == jnp.float32
 
@@ -130,9 +127,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_stats():
     _, updates = bf16.apply(variables, x, train=True, mutable=["batch_stats"])
     for leaf in jax.tree_util.tree_leaves(updates):
         assert leaf.dtype == jnp.float32
-    hidden = jax.eval_shape(
-        lambda v, x: bf16.apply(v, x, train=False, capture_intermediates=True)[1], variables, x
-    )
+    hidden = jax.eval_shape(lambda v, x: bf16.apply(v, x, train=False, capture_intermediates=True)[1], variables, x)
     assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(hidden))
     # Same weights: bf16 logits close to the float32 ones.
     ref = f32.apply(variables, x, train=False)

@@ -7,18 +7,25 @@ import sys
 
 import pytest
 from PIL import Image
+from test_predict import smoke_run_workdir
 
 from conftest import ROOT
 from resnet_jax import plots
 from resnet_jax.errors import Error
-from test_predict import smoke_run_workdir
 
 CURVES_SIZE = (1200, 360)  # plot_curves's figsize (12, 3.6) inches at 100 dpi
 
 
 def train_record(step):
-    return {"step": step, "epoch": step / 10, "split": "train", "loss": 2.3 - step / 100, "accuracy": step / 100,
-            "learning_rate": 0.1, "images_per_sec": 100.0}
+    return {
+        "step": step,
+        "epoch": step / 10,
+        "split": "train",
+        "loss": 2.3 - step / 100,
+        "accuracy": step / 100,
+        "learning_rate": 0.1,
+        "images_per_sec": 100.0,
+    }
 
 
 def eval_record(step):
@@ -32,8 +39,13 @@ def write_metrics(workdir, records, tail=""):
 
 
 def plots_main(*args):
-    return subprocess.run([sys.executable, "-m", "resnet_jax.plots", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_jax.plots", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
 def assert_curves_png(workdir):
@@ -62,8 +74,10 @@ def test_no_metrics_is_a_clear_error(tmp_path):
     write_metrics(tmp_path, [])
     result = plots_main(tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: no metrics in {tmp_path / 'metrics.jsonl'}: not a run's --workdir, " \
-                                    f"or the run has not logged yet"
+    assert (
+        result.stderr.strip() == f"error: no metrics in {tmp_path / 'metrics.jsonl'}: not a run's --workdir, "
+        f"or the run has not logged yet"
+    )
     assert not os.path.exists(tmp_path / "curves.png")
 
 

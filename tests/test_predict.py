@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
 from configs import resnet18, resnet20, smoke
+from conftest import run_cli
 from resnet_jax import checkpoints, models, predict, summary, train
 from resnet_jax.data import images, registry
 from resnet_jax.errors import Error
@@ -24,8 +24,14 @@ def smoke_run_workdir(data_dir, tmp_path_factory) -> str:
     """The workdir of a 30-step smoke run on `data_dir`, trained once per session (test_plots uses it too)."""
     if data_dir not in _smoke_runs:
         workdir = str(tmp_path_factory.mktemp("smoke_run"))
-        result = run_cli("--config", "configs/smoke.py", "--workdir", workdir, f"--config.data.data_dir={data_dir}",
-                         "--config.num_train_steps=30")
+        result = run_cli(
+            "--config",
+            "configs/smoke.py",
+            "--workdir",
+            workdir,
+            f"--config.data.data_dir={data_dir}",
+            "--config.num_train_steps=30",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         _smoke_runs[data_dir] = workdir
     return _smoke_runs[data_dir]
@@ -93,8 +99,16 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def predict_args(workdir, data_dir, *paths):
-    return ("--config", "configs/smoke.py", "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-            "--mode", "predict", *map(str, paths))
+    return (
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        "--mode",
+        "predict",
+        *map(str, paths),
+    )
 
 
 # ------------------------------------------------------------------------ images -> 32x32 RGB
@@ -149,11 +163,14 @@ def test_exif_orientation_is_applied(tmp_path):
     assert result[2, :, 2].min() > 200 and result[-3, :, 0].min() > 200
 
 
-@pytest.mark.parametrize("width, height, message", [
-    (8000, 8000, "8000x8000 pixels is over the limit of 50,000,000"),  # ours
-    (10000, 10000, "refused: Image size (100000000 pixels) exceeds limit"),  # Pillow's warning
-    (20000, 20000, "refused: Image size (400000000 pixels) exceeds limit"),  # Pillow's error
-])
+@pytest.mark.parametrize(
+    "width, height, message",
+    [
+        (8000, 8000, "8000x8000 pixels is over the limit of 50,000,000"),  # ours
+        (10000, 10000, "refused: Image size (100000000 pixels) exceeds limit"),  # Pillow's warning
+        (20000, 20000, "refused: Image size (400000000 pixels) exceeds limit"),  # Pillow's error
+    ],
+)
 def test_decompression_bombs_are_refused(tmp_path, width, height, message):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header(width, height))
@@ -175,8 +192,12 @@ def test_files_that_are_not_images_say_why(tmp_path):
     Image.new("RGB", (64, 64), (10, 200, 30)).save(jpeg, format="JPEG")
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    for path, message in ((text, "not an image file"), (truncated, "cannot read the image"),
-                          (tmp_path / "missing.png", "No such file or directory"), (tmp_path, "Is a directory")):
+    for path, message in (
+        (text, "not an image file"),
+        (truncated, "cannot read the image"),
+        (tmp_path / "missing.png", "No such file or directory"),
+        (tmp_path, "Is a directory"),
+    ):
         with pytest.raises(Error, match=message):
             images.load_image(str(path))
 
@@ -185,8 +206,9 @@ def test_files_that_are_not_images_say_why(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_json_agrees_with_eval_mode(smoke_run, tiny_data_dir, dataset, eval_probabilities,
-                                            right_and_wrong, tmp_path):
+def test_predict_json_agrees_with_eval_mode(
+    smoke_run, tiny_data_dir, dataset, eval_probabilities, right_and_wrong, tmp_path
+):
     right, wrong = right_and_wrong
     indices = np.concatenate([right, wrong])
     paths = save_pngs(dataset, indices, tmp_path)
@@ -200,12 +222,14 @@ def test_predict_json_agrees_with_eval_mode(smoke_run, tiny_data_dir, dataset, e
         assert [t["probability"] for t in line["top3"]] == pytest.approx(eval_probabilities[i][expected], abs=1e-5)
     # The images eval mode gets right, predict names right.
     assert [line["top3"][0]["class"] for line in lines[: len(right)]] == [
-        dataset.class_names[dataset.test_labels[i]] for i in right]
+        dataset.class_names[dataset.test_labels[i]] for i in right
+    ]
 
 
 @pytest.mark.slow
-def test_bad_files_fail_alone_and_the_exit_code_is_1(smoke_run, tiny_data_dir, dataset, eval_probabilities,
-                                                      right_and_wrong, tmp_path):
+def test_bad_files_fail_alone_and_the_exit_code_is_1(
+    smoke_run, tiny_data_dir, dataset, eval_probabilities, right_and_wrong, tmp_path
+):
     good = save_pngs(dataset, right_and_wrong[0][:2], tmp_path)
     (tmp_path / "text.png").write_text("hello")
     jpeg = io.BytesIO()
@@ -257,10 +281,13 @@ def reported_params(text: str) -> int:
     return int(line.split(": ")[1].split(" trained")[0].replace(",", ""))
 
 
-@pytest.mark.parametrize("get_config, overrides, known", [
-    (resnet20.get_config, {}, 269_722),  # He et al. 2016: 0.27M
-    (resnet18.get_config, {"stem": "cifar"}, 11_173_962),  # the usual CIFAR ResNet-18
-])
+@pytest.mark.parametrize(
+    "get_config, overrides, known",
+    [
+        (resnet20.get_config, {}, 269_722),  # He et al. 2016: 0.27M
+        (resnet18.get_config, {"stem": "cifar"}, 11_173_962),  # the usual CIFAR ResNet-18
+    ],
+)
 def test_summary_counts_the_registry_models_parameters(get_config, overrides, known):
     config = get_config()
     text = summary.summarize(config)
@@ -272,8 +299,15 @@ def test_summary_counts_the_registry_models_parameters(get_config, overrides, kn
 
 
 def test_summary_needs_no_data_and_follows_the_data_sets_classes(tmp_path):
-    result = run_cli("--config", "configs/resnet20.py", "--mode", "summary", "--config.data.name=cifar100",
-                     f"--config.data.data_dir={tmp_path / 'none'}", "--config.data.download=False")
+    result = run_cli(
+        "--config",
+        "configs/resnet20.py",
+        "--mode",
+        "summary",
+        "--config.data.name=cifar100",
+        f"--config.data.data_dir={tmp_path / 'none'}",
+        "--config.data.download=False",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # ResNet-20's 269,722 parameters, with a 64x100 head instead of 64x10.
     assert reported_params(result.stdout) == 269_722 + 64 * 90 + 90

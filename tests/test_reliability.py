@@ -20,9 +20,18 @@ from resnet_jax.workdir import read_metrics
 
 
 def args(data_dir, workdir, steps, *extra):
-    return ("--config", "configs/smoke.py", "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-            f"--config.num_train_steps={steps}", "--config.log_every_steps=5", "--config.checkpoint_every_steps=10",
-            "--config.eval_every_epochs=100", *extra)
+    return (
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        f"--config.num_train_steps={steps}",
+        "--config.log_every_steps=5",
+        "--config.checkpoint_every_steps=10",
+        "--config.eval_every_epochs=100",
+        *extra,
+    )
 
 
 def steps_on_disk(workdir):
@@ -65,8 +74,11 @@ def copy_of(workdir, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tmp_path):
     workdir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "run.py"),
-           *args(tiny_data_dir, workdir, 40, "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2")]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "run.py"),
+        *args(tiny_data_dir, workdir, 40, "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2"),
+    ]
     rng = random.Random(0)
     kills = 0
     while kills < 3:
@@ -75,7 +87,11 @@ def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tm
         # Wait until this run is saving (a checkpoint newer than it started from), then kill it mid-stream.
         deadline = time.time() + 120
         while time.time() < deadline and process.poll() is None:
-            if (workdir / "checkpoints").exists() and steps_on_disk(workdir) and steps_on_disk(workdir)[-1] > (before or [0])[-1] + 2:
+            if (
+                (workdir / "checkpoints").exists()
+                and steps_on_disk(workdir)
+                and steps_on_disk(workdir)[-1] > (before or [0])[-1] + 2
+            ):
                 break
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.3))
@@ -86,7 +102,9 @@ def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tm
         assert steps_on_disk(workdir), "a kill lost every checkpoint"
     assert (workdir / "lock").exists()  # stale: its process is dead
 
-    result = run_cli(*args(tiny_data_dir, workdir, 40, "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2"))
+    result = run_cli(
+        *args(tiny_data_dir, workdir, 40, "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from the checkpoint at step" in result.stderr
     leftovers = [d for d in os.listdir(workdir / "checkpoints") if not d.isdigit()]
@@ -137,8 +155,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ten_steps, tin
 @pytest.mark.slow
 def test_a_second_run_on_the_same_workdir_refuses_to_start(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
-    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args(tiny_data_dir, workdir, 100000)],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "run.py"), *args(tiny_data_dir, workdir, 100000)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not (workdir / "lock").exists() and time.time() < deadline:
@@ -177,8 +199,13 @@ def test_unwritable_workdir_is_reported_at_start(tiny_data_dir, tmp_path):
 @pytest.mark.slow
 def test_a_failed_save_during_the_run_stops_training(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args(tiny_data_dir, workdir, 100000)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "run.py"), *args(tiny_data_dir, workdir, 100000)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         metrics = workdir / "metrics.jsonl"
         deadline = time.time() + 120
@@ -199,7 +226,9 @@ def test_a_failed_save_during_the_run_stops_training(ten_steps, tiny_data_dir, t
 def test_config_change_that_breaks_resume_is_refused(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     before = snapshot(workdir)
-    line = one_line_error(run_cli(*args(tiny_data_dir, workdir, 30, "--config.batch_size=32", "--config.model.num_filters=4")), 2)
+    line = one_line_error(
+        run_cli(*args(tiny_data_dir, workdir, 30, "--config.batch_size=32", "--config.model.num_filters=4")), 2
+    )
     assert "model.num_filters: 8 -> 4" in line and "batch_size: 64 -> 32" in line
     assert "--config.allow_config_change=True" in line
     assert snapshot(workdir) == before
@@ -210,21 +239,55 @@ def test_config_change_that_breaks_resume_is_refused(ten_steps, tiny_data_dir, t
 
 @pytest.mark.slow
 def test_eval_without_checkpoints_or_with_a_missing_step(ten_steps, tiny_data_dir, tmp_path):
-    line = one_line_error(run_cli("--config", "configs/smoke.py", "--workdir", str(tmp_path / "empty"), "--mode", "eval",
-                                  f"--config.data.data_dir={tiny_data_dir}"), 2)
+    line = one_line_error(
+        run_cli(
+            "--config",
+            "configs/smoke.py",
+            "--workdir",
+            str(tmp_path / "empty"),
+            "--mode",
+            "eval",
+            f"--config.data.data_dir={tiny_data_dir}",
+        ),
+        2,
+    )
     assert "no checkpoint in" in line and "train first" in line
-    line = one_line_error(run_cli("--config", "configs/smoke.py", "--workdir", str(ten_steps), "--mode", "eval",
-                                  f"--config.data.data_dir={tiny_data_dir}", "--config.eval_checkpoint_step=15"), 2)
+    line = one_line_error(
+        run_cli(
+            "--config",
+            "configs/smoke.py",
+            "--workdir",
+            str(ten_steps),
+            "--mode",
+            "eval",
+            f"--config.data.data_dir={tiny_data_dir}",
+            "--config.eval_checkpoint_step=15",
+        ),
+        2,
+    )
     assert "no checkpoint at step 15" in line and "available: 10, 20" in line
-    line = one_line_error(run_cli("--config", "configs/smoke.py", "--workdir", str(ten_steps), "--mode", "eval",
-                                  f"--config.data.data_dir={tiny_data_dir}", "--config.eval_checkpoint_step=best"), 2)
+    line = one_line_error(
+        run_cli(
+            "--config",
+            "configs/smoke.py",
+            "--workdir",
+            str(ten_steps),
+            "--mode",
+            "eval",
+            f"--config.data.data_dir={tiny_data_dir}",
+            "--config.eval_checkpoint_step=best",
+        ),
+        2,
+    )
     assert "no 'best' checkpoint" in line and "no validation split" in line
     assert "--config.data.validation_examples=5000" in line
 
 
 @pytest.mark.slow
 def test_missing_or_corrupt_data_through_run_py(tiny_data_dir, tmp_path):
-    line = one_line_error(run_cli(*args(str(tmp_path / "nothing"), tmp_path / "w", 10, "--config.data.download=False")), 2)
+    line = one_line_error(
+        run_cli(*args(str(tmp_path / "nothing"), tmp_path / "w", 10, "--config.data.download=False")), 2
+    )
     assert "cifar10 3.0.2 is not prepared in" in line and "--config.data.data_dir" in line
     broken = tmp_path / "broken"
     shutil.copytree(tiny_data_dir, broken)
@@ -240,4 +303,6 @@ def test_metrics_log_survives_a_torn_last_line(tmp_path):
     log.write({"step": 5, "split": "train", "loss": 1.0})  # already there: skipped
     log.write({"step": 10, "split": "train", "loss": 0.5})
     assert read_metrics(str(tmp_path / "metrics.jsonl")) == [
-        {"step": 5, "split": "train", "loss": 1.0}, {"step": 10, "split": "train", "loss": 0.5}]
+        {"step": 5, "split": "train", "loss": 1.0},
+        {"step": 10, "split": "train", "loss": 0.5},
+    ]

@@ -1,7 +1,6 @@
 """Results over seeds: --seeds trains or evaluates one workdir per seed and summarises them."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -22,8 +21,11 @@ def test_seed_lists_and_their_errors():
 
 
 def test_summary_is_mean_and_sample_standard_deviation():
-    per_seed = {0: {"step": 9, "test": 0.70, "validation": 0.60}, 1: {"step": 9, "test": 0.74, "validation": 0.64},
-                2: {"step": 9, "test": 0.78, "validation": 0.62}}
+    per_seed = {
+        0: {"step": 9, "test": 0.70, "validation": 0.60},
+        1: {"step": 9, "test": 0.74, "validation": 0.64},
+        2: {"step": 9, "test": 0.78, "validation": 0.62},
+    }
     summary = seeds.summarize(per_seed)
     assert summary["test"] == {"mean": pytest.approx(0.74), "std": pytest.approx(0.04), "n": 3}
     assert summary["validation"]["std"] == pytest.approx(np.std([0.60, 0.64, 0.62], ddof=1))
@@ -31,7 +33,9 @@ def test_summary_is_mean_and_sample_standard_deviation():
     assert "| 1 | 9 | 64.00 | 74.00 |" in text and "| mean ± std (n=3) | | 62.00 ± 2.00 | 74.00 ± 4.00 |" in text
     # One seed: no spread to report; a split some seeds lack is left out.
     assert seeds.summarize({0: {"step": 1, "test": 0.5}})["test"]["std"] == 0.0
-    assert "validation" not in seeds.summarize({0: {"step": 1, "test": 0.5, "validation": 0.4}, 1: {"step": 1, "test": 0.6}})
+    assert "validation" not in seeds.summarize(
+        {0: {"step": 1, "test": 0.5, "validation": 0.4}, 1: {"step": 1, "test": 0.6}}
+    )
 
 
 @pytest.mark.slow
@@ -41,10 +45,22 @@ def test_seeds_train_then_evaluate_with_tta_on_cifar100(tmp_path):
     data_dir = str(tmp_path / "data")
     tfds_writer.main([data_dir, "--synthetic", "--name", "cifar100", "--train", "500", "--test", "200"])
     workdir = tmp_path / "run"
-    args = ("--config", "configs/cifar100.py", "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-            "--config.model.name=resnet8", "--config.model.num_filters=8", "--config.batch_size=64",
-            "--config.eval_batch_size=200", "--config.num_train_steps=6", "--config.log_every_steps=3",
-            "--config.data.validation_examples=100", "--seeds", "0,3")
+    args = (
+        "--config",
+        "configs/cifar100.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        "--config.model.name=resnet8",
+        "--config.model.num_filters=8",
+        "--config.batch_size=64",
+        "--config.eval_batch_size=200",
+        "--config.num_train_steps=6",
+        "--config.log_every_steps=3",
+        "--config.data.validation_examples=100",
+        "--seeds",
+        "0,3",
+    )
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training resnet8 on cifar100: 6 steps (6 per epoch), 8 devices on 1 processes" in result.stderr

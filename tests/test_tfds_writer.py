@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_ARCHIVE, ROOT
 from configs import default
+from conftest import CIFAR10_ARCHIVE, ROOT
 from resnet_jax.data import registry, tfds_writer
 
 
@@ -29,8 +29,24 @@ def test_written_data_set_reads_back_exactly_through_the_tfds_pipeline(tmp_path)
 
 
 def test_synthetic_cifar100_has_fine_and_coarse_labels(tmp_path):
-    subprocess.run([sys.executable, "-m", "resnet_jax.tfds_writer", str(tmp_path), "--synthetic", "--name", "cifar100",
-                    "--train", "200", "--test", "100"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resnet_jax.tfds_writer",
+            str(tmp_path),
+            "--synthetic",
+            "--name",
+            "cifar100",
+            "--train",
+            "200",
+            "--test",
+            "100",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     dataset = load(tmp_path, "cifar100")
     assert dataset.num_classes == 100 and len(dataset.train_images) == 200
     assert np.bincount(dataset.test_labels).tolist() == [1] * 100
@@ -46,8 +62,23 @@ def test_balanced_subsets_take_every_class_equally():
 
 @pytest.mark.skipif(not __import__("os").path.exists(CIFAR10_ARCHIVE), reason="no CIFAR-10 archive on this machine")
 def test_archive_subset_is_real_cifar10(tmp_path):
-    subprocess.run([sys.executable, "-m", "resnet_jax.tfds_writer", str(tmp_path), "--archive", CIFAR10_ARCHIVE,
-                    "--train", "100", "--test", "50"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resnet_jax.tfds_writer",
+            str(tmp_path),
+            "--archive",
+            CIFAR10_ARCHIVE,
+            "--train",
+            "100",
+            "--test",
+            "50",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     dataset = load(tmp_path, "cifar10")
     assert np.bincount(dataset.train_labels).tolist() == [10] * 10
     # Natural images, not the synthetic blocks: neighbouring pixels are strongly correlated.

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT, run_cli
 from configs import smoke
+from conftest import ROOT, run_cli
 from resnet_jax import checkpoints, parallel, train
 from resnet_jax.data import registry
 from resnet_jax.data.dataset import Dataset
@@ -28,9 +28,14 @@ def synthetic_dataset(n=256, classes=10):
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, classes, n).astype(np.int32)
     return Dataset(
-        name="synthetic", class_names=tuple(map(str, range(classes))),
-        train_images=images, train_labels=labels, test_images=images[:100], test_labels=labels[:100],
-        mean=np.full(3, 120.0, np.float32), std=np.full(3, 60.0, np.float32),
+        name="synthetic",
+        class_names=tuple(map(str, range(classes))),
+        train_images=images,
+        train_labels=labels,
+        test_images=images[:100],
+        test_labels=labels[:100],
+        mean=np.full(3, 120.0, np.float32),
+        std=np.full(3, 60.0, np.float32),
     )
 
 
@@ -67,7 +72,12 @@ def test_eight_devices_equal_one_device_with_sync_batch_norm(dataset):
     chex.assert_trees_all_close(eight.batch_stats, one.batch_stats, rtol=1e-4, atol=1e-5)
     # Something was learned: the params moved well beyond that tolerance.
     start = train.Setup(config, dataset).initial_state.params
-    assert max(np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(start))) > 1e-2
+    assert (
+        max(
+            np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(start))
+        )
+        > 1e-2
+    )
 
 
 def test_without_sync_batch_norm_devices_normalise_locally(dataset):
@@ -75,7 +85,10 @@ def test_without_sync_batch_norm_devices_normalise_locally(dataset):
     config.model.sync_batch_norm = False
     one = run_steps(config, dataset, 1)
     eight = run_steps(config, dataset, 8)
-    diffs = [np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params))]
+    diffs = [
+        np.abs(a - b).max()
+        for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params))
+    ]
     assert max(diffs) > 1e-3
 
 
@@ -87,11 +100,15 @@ def test_weight_average_follows_its_formula_and_is_identical_on_1_and_8_devices(
     # The first update's decay is min(0.9, (1 + 0) / (10 + 0)) = 0.1.
     expected = jax.tree_util.tree_map(lambda e, p: 0.1 * e + 0.9 * p, start.ema["params"], one.params)
     chex.assert_trees_all_close(one.ema["params"], expected, rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_close(one.ema["batch_stats"]["bn_init"]["mean"],
-                                0.9 * one.batch_stats["bn_init"]["mean"], rtol=1e-6, atol=1e-7)  # from 0
+    chex.assert_trees_all_close(
+        one.ema["batch_stats"]["bn_init"]["mean"], 0.9 * one.batch_stats["bn_init"]["mean"], rtol=1e-6, atol=1e-7
+    )  # from 0
     one, eight = run_steps(config, dataset, 1), run_steps(config, dataset, 8)
     chex.assert_trees_all_close(eight.ema, one.ema, rtol=1e-4, atol=1e-5)
-    gap = max(np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.ema["params"]), jax.tree_util.tree_leaves(one.params)))
+    gap = max(
+        np.abs(a - b).max()
+        for a, b in zip(jax.tree_util.tree_leaves(one.ema["params"]), jax.tree_util.tree_leaves(one.params))
+    )
     assert gap > 1e-3  # the average lags the params
     # Evaluation applies the average.
     assert train.eval_variables(one) is one.ema
@@ -110,16 +127,23 @@ def test_test_time_augmentation_averages_airbench_views(tta):
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     up_left, down_right = padded[:, :4, :5], padded[:, 2:, 2:]
     views["flip_translate"] = [(0.25, images), (0.25, images[:, :, ::-1])] + [
-        (0.125, v) for shifted in (up_left, down_right) for v in (shifted, shifted[:, :, ::-1])]
+        (0.125, v) for shifted in (up_left, down_right) for v in (shifted, shifted[:, :, ::-1])
+    ]
     expected = sum(w * corner(v) for w, v in views[tta])
     np.testing.assert_allclose(train.tta_logits(corner, images, tta), expected, rtol=1e-6)
 
 
 def test_weight_decay_masks_kernels_only():
-    params = {"conv": {"kernel": np.ones((3, 3, 1, 1))}, "bn": {"scale": np.ones(1), "bias": np.ones(1)},
-              "head": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
-    assert train.decay_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
-                                        "head": {"kernel": True, "bias": False}}
+    params = {
+        "conv": {"kernel": np.ones((3, 3, 1, 1))},
+        "bn": {"scale": np.ones(1), "bias": np.ones(1)},
+        "head": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
+    }
+    assert train.decay_mask(params) == {
+        "conv": {"kernel": True},
+        "bn": {"scale": False, "bias": False},
+        "head": {"kernel": True, "bias": False},
+    }
     config = smoke.get_config()
     config.momentum, config.weight_decay = 0.0, 0.5
     tx = train.create_optimizer(config, optax.constant_schedule(1.0))
@@ -173,9 +197,18 @@ RECIPE = ("--config.data.validation_examples=100", "--config.ema_decay=0.9", "--
 
 
 def smoke_args(data_dir, workdir, *extra):
-    return ("--config", "configs/smoke.py", "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-            f"--config.num_train_steps={STEPS}", "--config.eval_every_epochs=2", "--config.checkpoint_every_steps=10",
-            "--config.log_every_steps=5", *extra)
+    return (
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        f"--config.num_train_steps={STEPS}",
+        "--config.eval_every_epochs=2",
+        "--config.checkpoint_every_steps=10",
+        "--config.log_every_steps=5",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +236,22 @@ def test_run_writes_metrics_checkpoints_and_config(trained):
     assert [r["step"] for r in train_records] == list(range(5, STEPS + 1, 5))
     assert [r["step"] for r in test_records] == [20, 40]
     assert [(r["step"], r["split"]) for r in records if r["split"] != "train"] == [
-        (20, "validation"), (20, "test"), (40, "validation"), (40, "test")]
+        (20, "validation"),
+        (20, "test"),
+        (40, "validation"),
+        (40, "test"),
+    ]
     for r in train_records:
-        assert {"step", "epoch", "split", "loss", "accuracy", "learning_rate", "images_per_sec", "elapsed_seconds"} <= set(r)
+        assert {
+            "step",
+            "epoch",
+            "split",
+            "loss",
+            "accuracy",
+            "learning_rate",
+            "images_per_sec",
+            "elapsed_seconds",
+        } <= set(r)
     # Timings for time-to-accuracy: the first step (compilation) once, each evaluation's wall time.
     assert [("compile_seconds" in r) for r in train_records] == [True] + [False] * (len(train_records) - 1)
     assert 0 < train_records[0]["compile_seconds"] < train_records[0]["elapsed_seconds"]
@@ -225,13 +271,28 @@ def test_run_writes_metrics_checkpoints_and_config(trained):
 @pytest.mark.slow
 def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_dir):
     # Evaluating under a config that changes what the checkpoints mean is refused, in one line.
-    result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval",
-                     f"--config.data.data_dir={tiny_data_dir}")
+    result = run_cli(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(trained),
+        "--mode",
+        "eval",
+        f"--config.data.data_dir={tiny_data_dir}",
+    )
     assert result.returncode == 2 and "data.validation_examples: 100 -> 0" in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "ema_decay: 0.9 -> 0.0" in errors[0] and "Traceback" not in result.stderr
-    result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval", *RECIPE,
-                     f"--config.data.data_dir={tiny_data_dir}")
+    result = run_cli(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(trained),
+        "--mode",
+        "eval",
+        *RECIPE,
+        f"--config.data.data_dir={tiny_data_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval: step 40: test accuracy" in result.stdout and "eval: step 40: validation accuracy" in result.stdout
     report = json.load(open(os.path.join(trained, "eval_40.json")))
@@ -244,18 +305,47 @@ def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_di
     confusion = np.array(report["confusion_matrix"])
     assert confusion.sum() == 100 and confusion.sum(1).tolist() == [10] * 10
     assert np.trace(confusion) / 100 == report["accuracy"]
-    assert set(report["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+    assert set(report["per_class_accuracy"]) == {
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    }
     assert os.path.getsize(os.path.join(trained, "confusion_40.png")) > 1000
     # A chosen step, and "best": chosen on validation, never on test.
     best = max((r for r in records if r["split"] == "validation"), key=lambda r: (r["accuracy"], -r["step"]))["step"]
     for which, step in (("20", 20), ("best", best)):
-        result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval", *RECIPE,
-                         f"--config.data.data_dir={tiny_data_dir}", f"--config.eval_checkpoint_step={which}")
+        result = run_cli(
+            "--config",
+            "configs/smoke.py",
+            "--workdir",
+            str(trained),
+            "--mode",
+            "eval",
+            *RECIPE,
+            f"--config.data.data_dir={tiny_data_dir}",
+            f"--config.eval_checkpoint_step={which}",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"eval: step {step}: test accuracy" in result.stdout
     # Test-time augmentation still counts every example once.
-    result = run_cli("--config", "configs/smoke.py", "--workdir", str(trained), "--mode", "eval", *RECIPE,
-                     f"--config.data.data_dir={tiny_data_dir}", "--config.eval_tta=flip_translate")
+    result = run_cli(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(trained),
+        "--mode",
+        "eval",
+        *RECIPE,
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.eval_tta=flip_translate",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(os.path.join(trained, "eval_40.json")))
     assert report["tta"] == "flip_translate" and report["num_examples"] == 100
@@ -266,8 +356,14 @@ def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_di
 def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir, tmp_path):
     workdir = tmp_path / "interrupted"
     cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(tiny_data_dir, workdir), *RECIPE]
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    process = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and '"step": 15' in metrics.read_text()):
@@ -302,19 +398,35 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir
 def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path):
     args = ("--config.num_train_steps=6", "--config.log_every_steps=3", "--config.eval_every_epochs=100")
     one = tmp_path / "one"
-    single = run_cli(*smoke_args(tiny_data_dir, one), *args,
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    single = run_cli(
+        *smoke_args(tiny_data_dir, one), *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     two = tmp_path / "two"
     port = 20000 + os.getpid() % 20000
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    )
     processes = [
         subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(tiny_data_dir, two), *args,
-             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                os.path.join(ROOT, "run.py"),
+                *smoke_args(tiny_data_dir, two),
+                *args,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -327,8 +439,11 @@ def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tm
         assert p.returncode == 0, err[-3000:]
     a = read_metrics(str(one / "metrics.jsonl"))
     b = read_metrics(str(two / "metrics.jsonl"))
-    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b] == [
-        (3, "train"), (6, "train"), (6, "test")]
+    assert (
+        [(r["step"], r["split"]) for r in a]
+        == [(r["step"], r["split"]) for r in b]
+        == [(3, "train"), (6, "train"), (6, "test")]
+    )
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
         assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=1e-6)

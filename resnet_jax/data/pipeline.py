@@ -45,7 +45,9 @@ def train_batch(images, labels, step: int, *, batch_size: int, seed: int, part: 
     return {"image": images[idx], "label": labels[idx], "position": np.arange(batch_size, dtype=np.int32)[part]}
 
 
-def train_batches(images, labels, steps: range, *, batch_size: int, seed: int, part: slice = slice(None)) -> Iterator[dict]:
+def train_batches(
+    images, labels, steps: range, *, batch_size: int, seed: int, part: slice = slice(None)
+) -> Iterator[dict]:
     """`train_batch` of each of `steps`, in order."""
     for step in steps:
         yield train_batch(images, labels, step, batch_size=batch_size, seed=seed, part=part)

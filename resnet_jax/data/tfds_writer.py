@@ -43,7 +43,9 @@ def _example(example_id: str, image: np.ndarray, labels: Dict[str, int]) -> byte
     return tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=feature)).SerializeToString()
 
 
-def write(data_dir: str, name: str, splits: Dict[str, Dict[str, np.ndarray]], label_names: Dict[str, Sequence[str]]) -> str:
+def write(
+    data_dir: str, name: str, splits: Dict[str, Dict[str, np.ndarray]], label_names: Dict[str, Sequence[str]]
+) -> str:
     """Writes `splits` ({split: {"image": (N, H, W, 3) uint8, label feature: (N,) ints}}) as the
     tfds data set `name` in `data_dir`; `label_names` names each label feature's classes.
     Returns the version folder."""
@@ -63,23 +65,34 @@ def write(data_dir: str, name: str, splits: Dict[str, Dict[str, np.ndarray]], la
             writer.write(record)
             num_bytes += len(record)
         writer.close()
-        split_infos.append({
-            "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", "name": split,
-            "numBytes": str(num_bytes), "shardLengths": [str(len(arrays["image"]))],
-        })
+        split_infos.append(
+            {
+                "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+                "name": split,
+                "numBytes": str(num_bytes),
+                "shardLengths": [str(len(arrays["image"]))],
+            }
+        )
     shape = [str(d) for d in next(iter(splits.values()))["image"].shape[1:]]
     features = {
         "id": {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text", "text": {}},
-        "image": {"image": {"dtype": "uint8", "shape": {"dimensions": shape}},
-                  "pythonClassName": "tensorflow_datasets.core.features.image_feature.Image"},
+        "image": {
+            "image": {"dtype": "uint8", "shape": {"dimensions": shape}},
+            "pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
+        },
     }
     for key, names in label_names.items():
-        features[key] = {"classLabel": {"numClasses": str(len(names))},
-                         "pythonClassName": "tensorflow_datasets.core.features.class_label_feature.ClassLabel"}
+        features[key] = {
+            "classLabel": {"numClasses": str(len(names))},
+            "pythonClassName": "tensorflow_datasets.core.features.class_label_feature.ClassLabel",
+        }
         with open(os.path.join(folder, f"{key}.labels.txt"), "w") as f:
             f.write("\n".join(names) + "\n")
     info = {
-        "name": name, "version": VERSION, "fileFormat": "array_record", "splits": split_infos,
+        "name": name,
+        "version": VERSION,
+        "fileFormat": "array_record",
+        "splits": split_infos,
         "description": f"{name}, written offline by resnet_jax.tfds_writer",
         "location": {"urls": [HOMEPAGE]},
         "moduleName": "tensorflow_datasets.image_classification.cifar",
@@ -88,8 +101,14 @@ def write(data_dir: str, name: str, splits: Dict[str, Dict[str, np.ndarray]], la
     with open(os.path.join(folder, "dataset_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     with open(os.path.join(folder, "features.json"), "w") as f:
-        json.dump({"featuresDict": {"features": features},
-                   "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict"}, f, indent=2)
+        json.dump(
+            {
+                "featuresDict": {"features": features},
+                "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+            },
+            f,
+            indent=2,
+        )
     return folder
 
 
@@ -118,12 +137,12 @@ def read_archive(archive: str, sizes: Dict[str, int], seed: int = 0) -> Dict[str
             for label in CIFAR10_LABELS:
                 for file in sorted(os.listdir(os.path.join(archive, split, label))):
                     path = os.path.join(archive, split, label, file)
-                    add(path, lambda: open(path, "rb").read())
+                    add(path, lambda path=path: open(path, "rb").read())
     else:
         with tarfile.open(archive) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".jpg"):
-                    add(member.name, lambda: tar.extractfile(member).read())
+                    add(member.name, lambda member=member: tar.extractfile(member).read())
     splits = {}
     for offset, (split, (jpegs, labels)) in enumerate(found.items()):
         idx = balanced(np.asarray(labels), sizes[split], seed + offset)
@@ -153,11 +172,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", help="the tfds data_dir to write (NAME/3.0.2/ goes inside)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--archive", help="CIFAR-10 JPEG folders train/<class>/*.jpg, test/<class>/*.jpg (.tar.xz or a folder)")
+    source.add_argument(
+        "--archive", help="CIFAR-10 JPEG folders train/<class>/*.jpg, test/<class>/*.jpg (.tar.xz or a folder)"
+    )
     source.add_argument("--synthetic", action="store_true", help="learnable stand-in images instead of real ones")
-    parser.add_argument("--name", default="cifar10", choices=("cifar10", "cifar100"), help="--synthetic only: the data set to imitate")
-    parser.add_argument("--train", type=int, default=0, help="keep N train images, class-balanced (0: all; --synthetic: 5000)")
-    parser.add_argument("--test", type=int, default=0, help="keep N test images, class-balanced (0: all; --synthetic: 1000)")
+    parser.add_argument(
+        "--name", default="cifar10", choices=("cifar10", "cifar100"), help="--synthetic only: the data set to imitate"
+    )
+    parser.add_argument(
+        "--train", type=int, default=0, help="keep N train images, class-balanced (0: all; --synthetic: 5000)"
+    )
+    parser.add_argument(
+        "--test", type=int, default=0, help="keep N test images, class-balanced (0: all; --synthetic: 1000)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.archive:
@@ -171,8 +198,10 @@ def main(argv=None):
             splits, label_names = synthetic(10, sizes, args.seed), {"label": CIFAR10_LABELS}
         else:
             splits = synthetic(100, sizes, args.seed, coarse=CIFAR100_COARSE)
-            label_names = {"label": [f"class_{i}" for i in range(100)],
-                           "coarse_label": [f"superclass_{i}" for i in range(CIFAR100_COARSE)]}
+            label_names = {
+                "label": [f"class_{i}" for i in range(100)],
+                "coarse_label": [f"superclass_{i}" for i in range(CIFAR100_COARSE)],
+            }
     folder = write(args.data_dir, args.name, splits, label_names)
     print(f"wrote {folder}: " + ", ".join(f"{s}={len(a['image'])}" for s, a in splits.items()))
 
