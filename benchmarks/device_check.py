@@ -44,12 +44,13 @@ PYTHON = sys.executable
 
 # Dense bf16 peak of one device, TFLOP/s (vendor datasheets, SXM parts): MFU's denominator.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L4": 121.0}
-# The GPU tests: files, and the tests of the train step that run on one device.
+# The GPU tests: the models, the steps and the loop, on one device (by marker: pyproject.toml).
 GPU_TESTS = [
     "tests/test_models.py",
     "tests/test_train.py",
-    "-k",
-    "not every_model and not device and not process and not sigterm",
+    "tests/test_loop.py",
+    "-m",
+    "not slow and not multidevice and not multiprocess and not zoo",
 ]
 ACCURACY_MARKS = (0.90, 0.93, 0.94, 0.95)
 RECIPE_EPOCHS, MIN_EPOCHS = 24, 10  # the time-to-accuracy recipe's length, and the shortest worth running

@@ -1,12 +1,23 @@
 """Test setup: 8 forced CPU devices (so every pmapped path runs on more than one device)
 and shared fixtures. XLA_FLAGS must be set before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, its subprocesses included: the tests build the
+# same small models and steps again and again, and each compilation is seconds on two cores.
+# Made anew each session, so it never holds programs of other code.
+_CACHE = tempfile.mkdtemp(prefix="resnet_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 

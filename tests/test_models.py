@@ -62,6 +62,7 @@ def test_resnet9_residuals_start_as_identities_with_zero_init_residual():
         np.testing.assert_array_equal(hidden[f"{layer}_residual"]["__call__"][0], pooled)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_model_maps_32x32_images_to_logits(name):
     model = models.get_model(name, num_classes=7)

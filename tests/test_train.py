@@ -63,6 +63,7 @@ def dataset():
     return synthetic_dataset()
 
 
+@pytest.mark.multidevice
 def test_eight_devices_equal_one_device_with_sync_batch_norm(dataset):
     config = smoke.get_config()
     one = run_steps(config, dataset, 1)
@@ -80,6 +81,7 @@ def test_eight_devices_equal_one_device_with_sync_batch_norm(dataset):
     )
 
 
+@pytest.mark.multidevice
 def test_without_sync_batch_norm_devices_normalise_locally(dataset):
     config = smoke.get_config()
     config.model.sync_batch_norm = False
@@ -92,6 +94,7 @@ def test_without_sync_batch_norm_devices_normalise_locally(dataset):
     assert max(diffs) > 1e-3
 
 
+@pytest.mark.multidevice
 def test_weight_average_follows_its_formula_and_is_identical_on_1_and_8_devices(dataset):
     config = smoke.get_config()
     config.ema_decay = 0.9
@@ -395,6 +398,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path):
     args = ("--config.num_train_steps=6", "--config.log_every_steps=3", "--config.eval_every_epochs=100")
     one = tmp_path / "one"
