@@ -1,6 +1,6 @@
 """JAX vs PyTorch training throughput, measured alternately in one invocation.
 
-Runs benchmarks/throughput.py (the trainer's pmapped JAX train step) and
+Runs benchmarks/throughput.py (the trainer's parallel JAX train step) and
 benchmarks/torch_reference.py (the PyTorch reference, channels_last, its best thread
 count) in turn, JAX PyTorch JAX PyTorch ..., each in a fresh subprocess so that they share
 no threads, memory or caches, and prints each pair's JAX/PyTorch images/s ratio, the

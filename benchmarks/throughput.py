@@ -1,4 +1,4 @@
-"""Training and evaluation throughput of the trainer's own pmapped steps, on synthetic data.
+"""Training and evaluation throughput of the trainer's own parallel steps, on synthetic data.
 
 Runs `train.Setup(...).parallel_train_step()` and `parallel_eval_step()` (the functions `run.py` trains
 and evaluates with, on-device augmentation included, under the XLA flags run.py sets) on
@@ -188,6 +188,7 @@ def train_step_flops(setup, devices) -> float:
     batch = pipeline.train_batch(
         dataset.train_images, dataset.train_labels, 0, batch_size=config.batch_size // len(devices), seed=config.seed
     )
+    batch = jax.tree_util.tree_map(lambda x: x[None], batch)  # the one-element axis
     lowered = jax.jit(jax.vmap(setup.train_step(), axis_name=parallel.AXIS)).lower(state, batch)
     return float(lowered.cost_analysis()["flops"])
 

@@ -137,7 +137,7 @@ class ResNet(nn.Module):
     shortcut: str = "projection"  # "projection" (1x1 conv + BN) or "zero_pad" (option A)
     zero_init_residual: bool = False  # last BN scale of each residual branch starts at 0
     dtype: Any = jnp.float32  # computation dtype; params and BN statistics stay float32
-    axis_name: Optional[str] = None  # pmap axis to average BN statistics over (sync BN)
+    axis_name: Optional[str] = None  # the devices' axis to average BN statistics over (sync BN)
     bn_momentum: float = 0.9  # flax convention: torch's momentum=0.1
     act: Callable = nn.relu
 
@@ -160,8 +160,8 @@ class ResNet(nn.Module):
             x = conv(self.num_filters, (3, 3), padding=1, name="conv_init")(x)
             x = self.act(norm(name="bn_init")(x))
         # Backpropagation keeps only the blocks' conv outputs (and inputs) and recomputes the
-        # cheap BatchNorm and ReLU from them. For a ResNet-18 at batch 128 on a CPU this
-        # halves XLA's scratch memory (1.5 -> 0.8 GB) and, with less memory traffic, is faster.
+        # cheap BatchNorm and ReLU from them: about half the scratch memory, and with less memory
+        # traffic a faster step (measured: README, "Where the CPU time goes").
         block_cls = nn.remat(self.block_cls, policy=jax.checkpoint_policies.dots_saveable)
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
@@ -205,7 +205,7 @@ class ResNet9(nn.Module):
     num_filters: int = 64  # the prep conv's width; layer1, layer2 and layer3 have 2x, 4x and 8x
     zero_init_residual: bool = False  # last BN scale of each residual branch starts at 0
     dtype: Any = jnp.float32  # computation dtype; params and BN statistics stay float32
-    axis_name: Optional[str] = None  # pmap axis to average BN statistics over (sync BN)
+    axis_name: Optional[str] = None  # the devices' axis to average BN statistics over (sync BN)
     bn_momentum: float = 0.9  # flax convention: torch's momentum=0.1
     act: Callable = nn.relu
 
@@ -218,9 +218,9 @@ class ResNet9(nn.Module):
             return self.act(norm(name=f"{name}_bn")(x))
 
         x = conv_bn(x.astype(self.dtype), self.num_filters, "prep")
-        # The residuals are not rematerialised as ResNet's blocks are: for a train step at batch 128
-        # on a CPU, nn.remat left XLA's scratch memory unchanged at 944 MB (the 32x32 prep and
-        # layer1 outputs dominate it) and was no faster (7.2 s a step against 6.7).
+        # The residuals are not rematerialised as ResNet's blocks are: nn.remat left the train step's
+        # scratch memory unchanged (the 32x32 prep and layer1 outputs dominate it) and was no faster
+        # (measured: README, "Measured reasons in the code").
         for i, residual in enumerate((True, False, True), start=1):  # Page's res_layers: layer1, layer3
             x = conv_bn(x, self.num_filters * 2**i, f"layer{i}")
             x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))

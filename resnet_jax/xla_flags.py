@@ -4,9 +4,9 @@ jaxlib 0.10's XLA:CPU hands every convolution to YNNPACK, whose convolutions are
 slower than XLA's own (Eigen) ones on a few CPU cores, and leaves the elementwise ops
 to its loop emitter, which is slow on the batch<->channel transposes that the weight
 gradients need. Giving YNNPACK the dots, elementwise ops and reductions and keeping
-the convolutions in Eigen makes the ResNet-18 train step ~1.6x faster on a 2-core CPU
-(see benchmarks/throughput.py). The flags only tune the XLA:CPU compiler: GPU and TPU
-computations are unaffected.
+the convolutions in Eigen makes the ResNet-18 train step much faster on a few CPU cores
+(measured with benchmarks/throughput.py: README, "Where the CPU time goes"). The flags
+only tune the XLA:CPU compiler: GPU and TPU computations are unaffected.
 
 The flag is experimental, so it is set only for the jaxlib versions it was measured
 with (an unknown flag in XLA_FLAGS aborts the process), and never over a value the
