@@ -43,18 +43,18 @@ def load_train_split(data_dir, num_train, seed=0):
     return rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, num_train, dtype=np.int32)
 
 
-def time_batches(images, labels, *, batch_size, devices, first_step, steps, transfer):
+def time_batches(images, labels, *, batch_size, devices, first_step, steps, transfer, layout="pmap"):
     """Seconds for `steps` consecutive train batches from `first_step`, sent to `devices` if `transfer`."""
     start = time.perf_counter()
     batches = pipeline.train_batches(
         images, labels, range(first_step, first_step + steps), batch_size=batch_size, seed=0
     )
-    for batch in parallel.device_batches(batches, devices) if transfer else batches:
+    for batch in parallel.layout(layout).device_batches(batches, devices) if transfer else batches:
         jax.block_until_ready(batch)
     return time.perf_counter() - start
 
 
-def benchmark(images, labels, *, batch_size, devices, steps, repeats):
+def benchmark(images, labels, *, batch_size, devices, steps, repeats, layout="pmap"):
     """Median host-only and host+transfer images/s; repeats alternate between the two."""
     rates = {"host_images_per_sec": [], "images_per_sec": []}
     for r in range(repeats + 1):  # The first round warms up (permutation cache, transfer path).
@@ -67,6 +67,7 @@ def benchmark(images, labels, *, batch_size, devices, steps, repeats):
                 first_step=r * steps,
                 steps=steps,
                 transfer=transfer,
+                layout=layout,
             )
             if r:
                 rates[key].append(steps * batch_size / seconds)
@@ -80,6 +81,7 @@ def main():
     parser.add_argument("--data-dir", default=None, help="a tfds data_dir holding cifar10 (optional)")
     parser.add_argument("--steps", type=int, default=100, help="batches per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--parallel", default="pmap", choices=sorted(parallel.LAYOUTS), help="the device layout")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
 
@@ -93,13 +95,22 @@ def main():
         "backend": jax.default_backend(),
         "devices": len(devices),
         "batch_size": args.batch_size,
+        "parallel": args.parallel,
         "num_train": len(images),
         "data": args.data_dir or "synthetic",
         "steps": args.steps,
         "repeats": args.repeats,
     }
     result.update(
-        benchmark(images, labels, batch_size=args.batch_size, devices=devices, steps=args.steps, repeats=args.repeats)
+        benchmark(
+            images,
+            labels,
+            batch_size=args.batch_size,
+            devices=devices,
+            steps=args.steps,
+            repeats=args.repeats,
+            layout=args.parallel,
+        )
     )
     if not args.json:
         print(

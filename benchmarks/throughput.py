@@ -83,6 +83,8 @@ def make_config(args):
         config.batch_size = args.batch_size
     if args.no_augment:
         config.data.augment = False
+    if args.parallel is not None:
+        config.parallel = args.parallel
     config.eval_batch_size = args.eval_batch_size or config.batch_size
     return config
 
@@ -112,7 +114,7 @@ class TrainLoop:
     def __init__(self, setup, devices):
         self.setup, self.devices = setup, devices
         self.step_fn = setup.parallel_train_step(devices)
-        self.state = parallel.replicate(setup.initial_state, devices)
+        self.state = setup.layout.replicate(setup.initial_state, devices)
         self.batches = setup.train_batches(0, 2**31 - 1, devices)
         self.resident = next(self.batches)
 
@@ -129,7 +131,7 @@ def eval_batch(setup, devices):
     """The first test batch, as evaluation builds it."""
     dataset = setup.dataset
     batches = pipeline.eval_batches(dataset.test_images, dataset.test_labels, batch_size=setup.config.eval_batch_size)
-    return parallel.place_batch(next(batches), devices)
+    return setup.layout.place_batch(next(batches), devices)
 
 
 def eval_images_per_sec(setup, devices, state, steps, repeats):
@@ -241,6 +243,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-devices", type=int, default=None, help="the first N local devices; default: all")
+    parser.add_argument(
+        "--parallel", default=None, choices=sorted(parallel.LAYOUTS), help="device layout; default: the config's"
+    )
     parser.add_argument("--num-train", type=int, default=CIFAR10_TRAIN, help="synthetic train images held in memory")
     parser.add_argument("--num-test", type=int, default=CIFAR10_TEST)
     parser.add_argument("--no-augment", action="store_true", help="train without the on-device augmentation")
@@ -273,6 +278,7 @@ def main():
         "batch_size": config.batch_size,
         "eval_batch_size": config.eval_batch_size,
         "dtype": config.model.dtype,
+        "parallel": config.parallel,
         "augment": config.data.augment,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -281,8 +287,8 @@ def main():
     result.update(benchmark(config, dataset, devices, args.steps, args.repeats, args.train_only, not args.no_breakdown))
     if not args.json:
         print(
-            f"{result['model']} {result['dtype']} batch {result['batch_size']} on {result['devices']} "
-            f"{result['backend']} device(s): {result['train_images_per_sec']} train images/s, "
+            f"{result['model']} {result['dtype']} batch {result['batch_size']} ({result['parallel']}) "
+            f"on {result['devices']} {result['backend']} device(s): {result['train_images_per_sec']} train images/s, "
             f"{result.get('eval_images_per_sec')} eval images/s, compiled in {result['compile_seconds']} s"
         )
     print(json.dumps(result))

@@ -51,6 +51,8 @@ def get_config():
     config.ema_decay = 0.0  # decay of the moving average of params and BN statistics that evaluation uses; 0: off
     config.eval_tta = "none"  # test-time augmentation in evaluation: "none", "flip" or "flip_translate"
 
+    config.parallel = "pmap"  # device layout: "pmap" (jax.pmap, local devices) or "sharded" (jax.jit over a mesh)
+
     config.seed = 0  # seeds initialisation, data order and augmentation
     config.log_every_steps = 50  # steps between train metric records
     config.eval_every_epochs = 1.0  # epochs between evaluations (and one at the end)

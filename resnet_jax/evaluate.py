@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from resnet_jax import checkpoints, loop, parallel, plots, train, workdir as workdir_lib
+from resnet_jax import checkpoints, loop, plots, train, workdir as workdir_lib
 from resnet_jax.data import registry
 
 
@@ -30,9 +30,9 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
     returns the report: the test figures at its top level, the validation ones under "validation"."""
     dataset, setup, state = restore(config, workdir, dataset)
     step = int(state.step)
-    p_eval_step, replicated = setup.parallel_eval_step(), parallel.replicate(state)
+    p_eval_step, replicated = setup.parallel_eval_step(), setup.layout.replicate(state)
     results = {
-        split: loop.evaluate(p_eval_step, replicated, images, labels, config)
+        split: loop.evaluate(setup, p_eval_step, replicated, images, labels)
         for split, images, labels in dataset.eval_splits()
     }
     result = results["test"]

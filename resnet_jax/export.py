@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import config_checks, evaluate, loop, parallel, train
+from resnet_jax import config_checks, evaluate, loop, train
 from resnet_jax.data import pipeline
 from resnet_jax.errors import Error, RunFailure
 
@@ -154,7 +154,8 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     step = int(state.step)
     # The exported function is one plain forward pass: its accuracy is measured without test-time augmentation.
     p_eval_step = setup.parallel_eval_step(tta="none")
-    result = loop.evaluate(p_eval_step, parallel.replicate(state), dataset.test_images, dataset.test_labels, config)
+    replicated = setup.layout.replicate(state)
+    result = loop.evaluate(setup, p_eval_step, replicated, dataset.test_images, dataset.test_labels)
     if jax.process_index() != 0:  # Every process evaluates; one writes.
         return None
     logging.info(

@@ -39,7 +39,7 @@ def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "C
         start_step = int(state.step)
         due = Due.from_config(config, setup)
         p_train_step, p_eval_step = setup.parallel_train_step(), setup.parallel_eval_step()
-        state, batches = parallel.replicate(state), setup.train_batches(start_step)
+        state, batches = setup.layout.replicate(state), setup.train_batches(start_step)
         run.begin(start_step)
         with StopSignal() as stop:
             for step in range(start_step + 1, setup.num_steps + 1):
@@ -161,7 +161,7 @@ class Run:
 
     def train_metrics(self, state) -> dict:
         """The metric sums since the last record, on the host; stops on a non-finite loss."""
-        sums = parallel.unreplicate(state.train_metrics)
+        sums = self.setup.layout.unreplicate(state.train_metrics)
         bad = int(sums["first_nonfinite_step"])
         if bad >= 0:
             last = self.last_saved
@@ -191,14 +191,14 @@ class Run:
             record["compile_seconds"], self.compile_seconds = self.compile_seconds, None
         self.clock.lap(step, now)
         self._write(record)
-        return state.replace(train_metrics=parallel.replicate(train.empty_train_metrics()))
+        return state.replace(train_metrics=self.setup.layout.replicate(train.empty_train_metrics()))
 
     def evaluate(self, step: int, state, p_eval_step):
         """Evaluates every split and writes their records; returns the metrics the checkpoint keeps."""
         accuracy = {}
         for split, images, labels in self.setup.dataset.eval_splits():
             began = time.perf_counter()
-            result = evaluate(p_eval_step, state, images, labels, self.config)
+            result = evaluate(self.setup, p_eval_step, state, images, labels)
             accuracy[split] = result["accuracy"]
             now = time.perf_counter()
             self._write(
@@ -220,7 +220,7 @@ class Run:
     def save(self, step: int, state, metrics: dict = None) -> None:
         """Starts saving `state` (never a non-finite one) as the checkpoint of `step`."""
         self.train_metrics(state)
-        checkpoints.save(self.manager, parallel.unreplicate(state), metrics)
+        checkpoints.save(self.manager, self.setup.layout.unreplicate(state), metrics)
         self.last_saved = step
 
     def stop(self, step: int, state, signal_name: str, config_path: str) -> None:
@@ -251,14 +251,14 @@ class Run:
             _report(self.progress, record)
 
 
-def evaluate(p_eval_step, state, images, labels, config) -> dict:
-    """Loss, accuracy and confusion matrix over a whole split (each example once)."""
-    totals = None
-    part = parallel.process_slice(config.eval_batch_size)
-    for batch in pipeline.eval_batches(images, labels, batch_size=config.eval_batch_size, part=part):
-        sums = p_eval_step(state, parallel.place_batch(batch))
+def evaluate(setup, p_eval_step, state, images, labels) -> dict:
+    """Loss, accuracy and confusion matrix over a whole split (each example once), with
+    `setup.parallel_eval_step()` and a state that `setup.layout` replicated."""
+    totals, layout, batch_size = None, setup.layout, setup.config.eval_batch_size
+    for batch in pipeline.eval_batches(images, labels, batch_size=batch_size, part=layout.process_slice(batch_size)):
+        sums = p_eval_step(state, layout.place_batch(batch))
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = parallel.unreplicate(totals)
+    totals = layout.unreplicate(totals)
     confusion = np.asarray(totals["confusion"], np.int64)
     count = int(confusion.sum())
     return {

@@ -4,8 +4,8 @@ per-device train and eval steps; `Setup` builds them all from a config and a dat
     create_train_state -> (train_step)* with eval_step over each split -> checkpoints
 
 `train_step` and `eval_step` work on one device's part of the global batch and combine
-their results with collectives over `parallel.AXIS`; `parallel.map_step` spreads them over
-every device of every process, and `loop` runs them.
+their results with collectives over `parallel.AXIS`; the device layout `config.parallel`
+names (`Setup.layout`) spreads them over every device of every process, and `loop` runs them.
 """
 
 import functools
@@ -236,6 +236,7 @@ class Setup:
         self.steps_per_epoch = steps_per_epoch(config, len(dataset.train_images))
         self.num_steps = total_steps(config, self.steps_per_epoch)
         self.learning_rate_fn = create_learning_rate_fn(config, self.steps_per_epoch, self.num_steps)
+        self.layout = parallel.layout(config.parallel)
         init_key, self.aug_key = jax.random.split(jax.random.key(config.seed))
         self.initial_state = create_train_state(
             init_key, config, self.model, self.learning_rate_fn, dataset.train_images.shape[1:]
@@ -257,12 +258,12 @@ class Setup:
 
     def parallel_train_step(self, devices=None):
         """The train step on every local device (or `devices`); it donates the state it is given."""
-        return parallel.map_step(self.train_step(), devices, donate_state=True)
+        return self.layout.map_step(self.train_step(), devices, donate_state=True)
 
     def parallel_eval_step(self, devices=None, tta=None):
         """The eval step on every local device, with test-time augmentation `tta` (default: config.eval_tta)."""
         step = functools.partial(eval_step, preprocess_fn=self.preprocess_fn, tta=tta or self.config.eval_tta)
-        return parallel.map_step(step, devices)
+        return self.layout.map_step(step, devices)
 
     def train_batches(self, start_step: int, stop_step: int = None, devices=None):
         """This process's train batches of steps `start_step`..`stop_step - 1` (default: to the
@@ -275,6 +276,6 @@ class Setup:
             steps,
             batch_size=config.batch_size,
             seed=config.seed,
-            part=parallel.process_slice(config.batch_size),
+            part=self.layout.process_slice(config.batch_size),
         )
-        return parallel.device_batches(batches, devices)
+        return self.layout.device_batches(batches, devices)

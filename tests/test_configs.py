@@ -99,6 +99,7 @@ def test_page_resnet9_and_cifar100_recipes():
         ("--config.ema_decay=1.0", "ema_decay must be in [0, 1)"),
         ("--config.data.validation_examples=-1", "data.validation_examples must be >= 0"),
         ("--config.data.padding_mode=wrap", "data.padding_mode='wrap' is not one of: reflect, zero"),
+        ("--config.parallel=jit", "parallel='jit' is not one of: pmap, sharded"),
     ],
 )
 def test_invalid_values_are_rejected_before_anything_runs(tmp_path, override, message):

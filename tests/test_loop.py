@@ -1,8 +1,10 @@
 """The train loop in-process, on a tiny in-memory data set, in seconds: the periodic actions fall
-due as their predicates say, a stop signal checkpoints and returns, and the resumed run ends
-exactly where an uninterrupted one does."""
+due as their predicates say, a stop signal checkpoints and returns, the resumed run ends exactly
+where an uninterrupted one does under the same device layout, and a checkpoint of one layout
+resumes under the other."""
 
 import os
+import shutil
 import signal
 
 import chex
@@ -32,12 +34,12 @@ def tiny_dataset():
     return hold_out_validation(dataset, 20)
 
 
-def tiny_config():
+def tiny_config(layout="pmap"):
     config = smoke.get_config()
     config.model.num_filters = 4
     config.batch_size, config.eval_batch_size, config.num_train_steps = 32, 16, STEPS
     config.log_every_steps, config.eval_every_epochs, config.checkpoint_every_steps = 3, 1.0, 3
-    config.ema_decay, config.keep_checkpoints = 0.9, 10
+    config.ema_decay, config.keep_checkpoints, config.parallel = 0.9, 10, layout
     return config
 
 
@@ -45,18 +47,52 @@ def strip(records):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
 
 
-def final_state(workdir, config, dataset):
+def metrics(workdir):
+    return read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+
+def final_state(workdir):
     manager = checkpoints.create_manager(str(workdir), 10, read_only=True)
-    return flax.serialization.to_state_dict(
-        checkpoints.restore_latest(manager, train.Setup(config, dataset).initial_state)
-    )
+    template = train.Setup(tiny_config(), tiny_dataset()).initial_state
+    return flax.serialization.to_state_dict(checkpoints.restore_latest(manager, template))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    assert loop.train_and_evaluate(tiny_config(), str(workdir), tiny_dataset()) is True
+def train_to_the_end(workdir, layout):
+    assert loop.train_and_evaluate(tiny_config(layout), str(workdir), tiny_dataset()) is True
     return workdir
+
+
+def stop_after_step_5(workdir, layout):
+    """Trains under `layout` until a SIGTERM arrives during step 5, as a scheduler's preemption would."""
+    parallel_train_step = train.Setup.parallel_train_step
+
+    def signalled(setup, devices=None):
+        step_fn, calls = parallel_train_step(setup, devices), []
+
+        def step(state, batch):
+            calls.append(1)
+            if len(calls) == 5:
+                signal.raise_signal(signal.SIGTERM)
+            return step_fn(state, batch)
+
+        return step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.Setup, "parallel_train_step", signalled)
+        done = loop.train_and_evaluate(tiny_config(layout), str(workdir), tiny_dataset(), config_path="configs/tiny.py")
+    assert done is False
+    return workdir
+
+
+@pytest.fixture(scope="module", params=["pmap", "sharded"])
+def runs(request, tmp_path_factory):
+    """An uninterrupted run and one stopped at step 5, under the layout `request.param`."""
+    layout = request.param
+    return {
+        "layout": layout,
+        "uninterrupted": train_to_the_end(tmp_path_factory.mktemp(f"{layout}_uninterrupted"), layout),
+        "stopped": stop_after_step_5(tmp_path_factory.mktemp(f"{layout}_stopped"), layout),
+    }
 
 
 def test_each_periodic_action_falls_due_as_its_predicate_says():
@@ -68,49 +104,41 @@ def test_each_periodic_action_falls_due_as_its_predicate_says():
     assert [s for s in steps if due.stop_check(s)] == list(range(1, 10))  # one process: after every step but the last
 
 
-def test_the_loop_logs_evaluates_and_checkpoints_on_schedule(uninterrupted):
-    records = read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
+def test_the_loop_logs_evaluates_and_checkpoints_on_schedule(runs):
+    records = metrics(runs["uninterrupted"])
     assert [(r["step"], r["split"]) for r in records] == [
         (3, "train"), (4, "validation"), (4, "test"), (6, "train"),
         (8, "train"), (8, "validation"), (8, "test"),
     ]  # fmt: skip
     assert [("compile_seconds" in r) for r in records if r["split"] == "train"] == [True, False, False]
     # Every 3 steps, and after each evaluation (with the validation accuracy the best one is chosen on).
-    assert sorted(int(s) for s in os.listdir(os.path.join(uninterrupted, "checkpoints"))) == [3, 4, 6, 8]
-    assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
+    assert sorted(int(s) for s in os.listdir(os.path.join(runs["uninterrupted"], "checkpoints"))) == [3, 4, 6, 8]
+    assert os.path.exists(os.path.join(runs["uninterrupted"], "curves.png"))
     assert all(np.isfinite(r["loss"]) for r in records)
 
 
-def test_a_stop_signal_checkpoints_and_the_resumed_run_equals_the_uninterrupted_one(
-    uninterrupted, tmp_path, monkeypatch, capsys
-):
-    parallel_train_step = train.Setup.parallel_train_step
-
-    def signalled_after_step_5(setup, devices=None):
-        step_fn, calls = parallel_train_step(setup, devices), []
-
-        def step(state, batch):
-            calls.append(1)
-            if len(calls) == 5:
-                signal.raise_signal(signal.SIGTERM)  # as a scheduler's preemption would
-            return step_fn(state, batch)
-
-        return step
-
-    monkeypatch.setattr(train.Setup, "parallel_train_step", signalled_after_step_5)
+def test_a_stop_signal_checkpoints_and_the_resumed_run_equals_the_uninterrupted_one(runs, tmp_path):
+    stopped = runs["stopped"]
+    assert sorted(int(s) for s in os.listdir(os.path.join(stopped, "checkpoints"))) == [3, 4, 5]
     handler = signal.getsignal(signal.SIGTERM)
-    workdir = str(tmp_path / "stopped")
-    assert loop.train_and_evaluate(tiny_config(), workdir, tiny_dataset(), config_path="configs/tiny.py") is False
+    workdir = shutil.copytree(stopped, tmp_path / "resumed")
+    train_to_the_end(workdir, runs["layout"])
+    assert signal.getsignal(signal.SIGTERM) is handler  # the loop's own handler is gone again
+    assert strip(metrics(workdir)) == strip(metrics(runs["uninterrupted"]))
+    chex.assert_trees_all_equal(final_state(workdir), final_state(runs["uninterrupted"]))
+
+
+def test_the_stop_says_how_to_resume(tmp_path, capsys):
+    stop_after_step_5(tmp_path, "pmap")
     assert "stopped by SIGTERM at step 5; checkpoint saved. Resume with: python run.py --config configs/tiny.py" in (
         capsys.readouterr().out
     )
-    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 4, 5]
-    assert signal.getsignal(signal.SIGTERM) is handler  # the loop's own handler is gone again
 
-    monkeypatch.undo()
-    assert loop.train_and_evaluate(tiny_config(), workdir, tiny_dataset()) is True
-    reference = read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
-    assert strip(read_metrics(os.path.join(workdir, "metrics.jsonl"))) == strip(reference)
-    chex.assert_trees_all_equal(
-        final_state(workdir, tiny_config(), tiny_dataset()), final_state(uninterrupted, tiny_config(), tiny_dataset())
-    )
+
+def test_a_checkpoint_of_one_layout_resumes_under_the_other(runs, tmp_path):
+    other = {"pmap": "sharded", "sharded": "pmap"}[runs["layout"]]
+    workdir = train_to_the_end(shutil.copytree(runs["stopped"], tmp_path / "resumed"), other)
+    resumed, reference = strip(metrics(workdir)), strip(metrics(runs["uninterrupted"]))
+    assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in reference]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-4)
+    chex.assert_trees_all_close(final_state(workdir), final_state(runs["uninterrupted"]), rtol=1e-4, atol=1e-5)

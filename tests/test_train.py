@@ -17,7 +17,7 @@ import pytest
 
 from configs import smoke
 from conftest import ROOT, run_cli
-from resnet_jax import checkpoints, parallel, train
+from resnet_jax import checkpoints, train
 from resnet_jax.data import registry
 from resnet_jax.data.dataset import Dataset
 from resnet_jax.workdir import read_metrics
@@ -45,7 +45,7 @@ def run_steps(config, dataset, num_devices, steps=3):
     would go unnoticed otherwise)."""
     devices = jax.local_devices()[:num_devices]
     setup = train.Setup(config, dataset)
-    state = parallel.replicate(setup.initial_state, devices=devices)
+    state = setup.layout.replicate(setup.initial_state, devices=devices)
     p_train_step = setup.parallel_train_step(devices=devices)
     for batch in setup.train_batches(0, steps, devices):
         state = p_train_step(state, batch)
@@ -55,7 +55,7 @@ def run_steps(config, dataset, num_devices, steps=3):
             assert len(replicas) == num_devices
             for replica in replicas[1:]:
                 np.testing.assert_array_equal(replica, replicas[0], err_msg=name)
-    return parallel.unreplicate(state)
+    return setup.layout.unreplicate(state)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_resnet9_learns_a_repeated_batch():
     dataset = synthetic_dataset(n=32)  # one batch, seen every step
     devices = jax.local_devices()[:1]
     setup = train.Setup(config, dataset)
-    state = parallel.replicate(setup.initial_state, devices=devices)
+    state = setup.layout.replicate(setup.initial_state, devices=devices)
     p_train_step = setup.parallel_train_step(devices=devices)
     loss_sums = []
     for batch in setup.train_batches(0, 8, devices):
