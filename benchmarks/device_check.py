@@ -12,8 +12,9 @@ Stages, each skipped with a message when what is left of `--budget` would not ho
 1. newest_jax: the fast test tier under this machine's JAX on 8 CPU devices
    (JAX_PLATFORMS=cpu), then the model and train-step tests on the GPU.
 2. speed: benchmarks/throughput.py on the GPU (resnet18, cifar stem, batch 512, float32 and
-   bfloat16): train and eval images/s, compile seconds, peak device memory, and MFU (the
-   train step's FLOPs from XLA's cost analysis, against the card's dense bf16 peak); then
+   bfloat16, and bfloat16 again under the sharded layout: its ratio to pmap): train and eval
+   images/s, compile seconds, peak device memory, and MFU (the train step's FLOPs from XLA's
+   cost analysis, against the card's dense bf16 peak); then
    benchmarks/torch_reference.py (torch.compile, bf16 autocast, channels_last) on the same
    GPU, and the JAX/PyTorch ratio.
 3. time_to_accuracy: run.py, configs/resnet9_fast.py (Page's ResNet-9 recipe: bfloat16, weight
@@ -83,7 +84,7 @@ REAL = {
         "--config.log_every_steps=97",
     ],
     "after_tests": 300,  # seconds the CPU tests leave to the speed and time-to-accuracy stages
-    "estimates": {"setup": 60, "newest_jax": 120, "speed": 150, "time_to_accuracy": 150},
+    "estimates": {"setup": 60, "newest_jax": 120, "speed": 180, "time_to_accuracy": 150},
 }
 DRY = {
     "budget": 420,  # several times what it takes on a quiet 2-core CPU: room for a loaded one
@@ -250,6 +251,8 @@ def empty_results(args, sizes):
             "status": None,
             "float32": None,
             "bfloat16": None,
+            "bfloat16_sharded": None,
+            "sharded_over_pmap_bfloat16": None,
             "torch_bfloat16_images_per_sec": None,
             "torch_version": None,
             "jax_over_torch_bfloat16": None,
@@ -341,10 +344,12 @@ def newest_jax_stage(check, sizes, gpu_platform, background):
 
 
 def speed_stage(check, sizes, device_kind, device_count):
-    """throughput.py in float32 and bfloat16, torch_reference.py in bfloat16, ratio and MFU."""
+    """throughput.py in float32 and bfloat16 (and bfloat16 under the sharded layout), torch_reference.py
+    in bfloat16, the ratios and MFU."""
     peak = peak_tflops(device_kind)
     result = {"peak_bf16_tflops": peak}
-    for dtype in ("float32", "bfloat16"):
+    for key, dtype, layout in (("float32", "float32", "pmap"), ("bfloat16", "bfloat16", "pmap"),
+                               ("bfloat16_sharded", "bfloat16", "sharded")):  # fmt: skip
         code, output = check.run(
             [
                 PYTHON,
@@ -352,17 +357,23 @@ def speed_stage(check, sizes, device_kind, device_count):
                 *sizes["throughput"],
                 "--dtype",
                 dtype,
+                "--parallel",
+                layout,
                 "--no-breakdown",
                 "--json",
             ],
             timeout=240,
         )
         if code != 0:
-            raise RuntimeError(f"throughput.py --dtype {dtype} failed: {output.strip().splitlines()[-1:]}")
+            raise RuntimeError(
+                f"throughput.py --dtype {dtype} --parallel {layout} failed: {output.strip().splitlines()[-1:]}"
+            )
         measured = last_json(output)
-        result[dtype] = measured
-        if peak and measured.get("train_tflops_per_sec"):
+        result[key] = measured
+        if peak and measured.get("train_tflops_per_sec") and layout == "pmap":
             result[f"mfu_{dtype}"] = round(measured["train_tflops_per_sec"] / (peak * device_count), 4)
+    sharded, pmap = (result[k]["train_images_per_sec"] for k in ("bfloat16_sharded", "bfloat16"))
+    result["sharded_over_pmap_bfloat16"] = round(sharded / pmap, 3)
     if not _has_module("torch"):
         result["message"] = "torch is not installed: no PyTorch reference"
         return result

@@ -32,6 +32,7 @@ def test_dry_run_completes_every_stage_and_writes_every_field(tmp_path):
     for tier in ("cpu_tests", "gpu_tests"):
         assert result["newest_jax"][tier]["passed"] >= 1 and result["newest_jax"][tier]["failed"] == 0
     speed = result["speed"]
+    assert speed["bfloat16_sharded"]["parallel"] == "sharded" and speed["sharded_over_pmap_bfloat16"] > 0
     for dtype in ("float32", "bfloat16"):
         assert speed[dtype]["dtype"] == dtype and speed[dtype]["train_images_per_sec"] > 0
         assert speed[dtype]["train_tflops_per_sec"] > 0 and "input_leaves_devices_idle" in speed[dtype]
