@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from configs import smoke
 from conftest import ROOT, run_cli
@@ -411,7 +412,8 @@ def test_the_sharded_layout_resumes_a_pmap_checkpoint_then_evaluates_and_exports
         strip(read_metrics(os.path.join(trained, "metrics.jsonl"))),
     )
     assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in reference]
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-4)
+    # Up to 25 steps of float sums in another order than pmap's (the stop step varies): 1e-3, not 1e-4.
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-3)
     # (The final states differ by float summation order only, compounded over 25 steps: tests/test_loop.py
     # compares states across layouts over runs short enough for the 1e-4 tolerance.)
     result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE, sharded, "--mode", "eval")
@@ -422,6 +424,10 @@ def test_the_sharded_layout_resumes_a_pmap_checkpoint_then_evaluates_and_exports
     result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE, sharded, *export)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.load(open(workdir / "export" / "model.json"))["checkpoint"]["test_accuracy"] == logged["accuracy"]
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE, sharded, "--mode", "predict", str(image))
+    assert result.returncode == 0 and result.stdout.startswith(f"{image}: "), result.stderr[-3000:]
 
 
 @pytest.mark.slow
