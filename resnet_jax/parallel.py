@@ -95,8 +95,13 @@ class Pmap:
         return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,) if donate_state else (), devices=devices)
 
 
+def _mesh(devices=None) -> Mesh:
+    """The one-axis mesh of `devices` (default: every device of every process), built once per set."""
+    return _cached_mesh(tuple(devices or jax.devices()))
+
+
 @functools.lru_cache(maxsize=None)
-def _mesh(devices: tuple) -> Mesh:
+def _cached_mesh(devices: tuple) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
@@ -107,12 +112,9 @@ class Sharded:
     name = "sharded"
     process_slice = staticmethod(process_slice)  # jax.devices() lists each process's devices together, in order
 
-    def _sharding(self, devices, spec) -> NamedSharding:
-        return NamedSharding(_mesh(tuple(devices or jax.devices())), spec)
-
     def replicate(self, tree, devices=None):
         """`tree` (the same on every process) as global arrays replicated over the mesh."""
-        sharding = self._sharding(devices, PartitionSpec())
+        sharding = NamedSharding(_mesh(devices), PartitionSpec())
 
         def put(x):
             x = np.asarray(x)
@@ -126,7 +128,7 @@ class Sharded:
 
     def place_batch(self, batch: dict, devices=None) -> dict:
         """One host batch (this process's rows) as global arrays split over the mesh on AXIS."""
-        sharding = self._sharding(devices, PartitionSpec(AXIS))
+        sharding = NamedSharding(_mesh(devices), PartitionSpec(AXIS))
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     def device_batches(self, batches, devices=None):
@@ -146,9 +148,8 @@ class Sharded:
         (True) autodiff already sums the gradient of a replicated parameter over the axis, and
         the step's `pmean` would then leave the sum, not the mean.
         """
-        mesh = _mesh(tuple(devices or jax.devices()))
         P = PartitionSpec
-        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+        mapped = jax.shard_map(fn, mesh=_mesh(devices), in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
         return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
 
