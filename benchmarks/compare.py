@@ -9,6 +9,13 @@ median ratio and its spread (min-max). Alternating spreads any drift of the mach
 
     python benchmarks/compare.py --model resnet18 --stem cifar --batch-size 128 --dtype float32 --pairs 5 [--json]
 
+`--jax-python PYTHON` (repeatable) runs the JAX side under each of these interpreters in
+turn within every round (JAX-a JAX-b PyTorch, ...): two virtual environments with two jax
+releases, against the same PyTorch. It then also prints each one's speed relative to the
+first, the median over rounds of their images/s ratio.
+
+    python benchmarks/compare.py --pairs 3 --jax-python .venv/bin/python --jax-python NEWEST_VENV/bin/python
+
 The JAX step includes the on-device augmentation (random crop + flip), as in training;
 the PyTorch step trains on a fixed random batch. --no-augment leaves augmentation out
 of the JAX step too.
@@ -31,7 +38,7 @@ def run_json(command):
 
 
 def commands(args):
-    """The (JAX, PyTorch) command lines for one pair."""
+    """The JAX command lines (one per --jax-python) and the PyTorch one, for one round."""
     common = [
         "--model",
         args.model,
@@ -47,28 +54,43 @@ def commands(args):
         str(args.repeats),
         "--json",
     ]
-    jax_command = [sys.executable, os.path.join(HERE, "throughput.py"), *common, "--train-only"]
-    if args.no_augment:
-        jax_command.append("--no-augment")
+    jax_flags = ["--train-only"] + (["--no-augment"] if args.no_augment else [])
+    jax_commands = [[python, os.path.join(HERE, "throughput.py"), *common, *jax_flags] for python in args.jax_python]
     torch_command = [sys.executable, os.path.join(HERE, "torch_reference.py"), *common, "--device", "cpu"]
-    return jax_command, torch_command
+    return jax_commands, torch_command
+
+
+def jax_version(python) -> str:
+    done = subprocess.run([python, "-c", "import jax; print(jax.__version__)"], capture_output=True, text=True)
+    return done.stdout.strip()
 
 
 def compare(args):
     """Runs the pairs; returns their images/s, the ratios and their summary."""
-    jax_command, torch_command = commands(args)
-    pairs = []
+    jax_commands, torch_command = commands(args)
+    versions = [jax_version(python) for python in args.jax_python]
+    rounds = []
     for i in range(args.pairs):
-        jax_rate = run_json(jax_command)["train_images_per_sec"]
+        jax_rates = [run_json(command)["train_images_per_sec"] for command in jax_commands]
         torch_rate = run_json(torch_command)["train_images_per_sec"]
-        pairs.append({"jax": jax_rate, "pytorch": torch_rate, "ratio": round(jax_rate / torch_rate, 3)})
+        rounds.append({"jax": jax_rates, "pytorch": torch_rate, "ratio": [round(r / torch_rate, 3) for r in jax_rates]})
         if not args.json:
-            print(
-                f"pair {i + 1}: JAX {jax_rate:8.1f}  PyTorch {torch_rate:8.1f} images/s "
-                f" ratio {pairs[-1]['ratio']:.3f}",
-                flush=True,
-            )
-    ratios = [p["ratio"] for p in pairs]
+            sides = "  ".join(f"JAX {v} {r:8.1f}" for v, r in zip(versions, jax_rates))
+            print(f"round {i + 1}: {sides}  PyTorch {torch_rate:8.1f} images/s", flush=True)
+    per_jax = []
+    for j, (python, version) in enumerate(zip(args.jax_python, versions)):
+        ratios = [r["ratio"][j] for r in rounds]
+        relative = [r["jax"][j] / r["jax"][0] for r in rounds]
+        per_jax.append(
+            {
+                "python": python,
+                "jax": version,
+                "median_ratio": round(statistics.median(ratios), 3),
+                "min_ratio": min(ratios),
+                "max_ratio": max(ratios),
+                "median_relative_to_first": round(statistics.median(relative), 3),
+            }
+        )
     return {
         "model": args.model,
         "stem": args.stem,
@@ -77,10 +99,9 @@ def compare(args):
         "augment": not args.no_augment,
         "steps": args.steps,
         "repeats": args.repeats,
-        "pairs": pairs,
-        "median_ratio": round(statistics.median(ratios), 3),
-        "min_ratio": min(ratios),
-        "max_ratio": max(ratios),
+        "rounds": rounds,
+        **{k: per_jax[0][k] for k in ("median_ratio", "min_ratio", "max_ratio")},
+        "per_jax": per_jax,
     }
 
 
@@ -94,15 +115,21 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat, on both sides")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per run; each run reports their median")
     parser.add_argument("--no-augment", action="store_true", help="leave augmentation out of the JAX step")
+    parser.add_argument(
+        "--jax-python", action="append", help="an interpreter to run the JAX side with (repeatable; default: this one)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
+    args.jax_python = args.jax_python or [sys.executable]
     result = compare(args)
     if not args.json:
-        print(
-            f"JAX/PyTorch: median {result['median_ratio']:.3f},"
-            f" spread {result['min_ratio']:.3f}-{result['max_ratio']:.3f} "
-            f"over {args.pairs} pairs ({args.model}, {args.stem} stem, batch {args.batch_size}, {args.dtype})"
-        )
+        for side in result["per_jax"]:
+            print(
+                f"JAX {side['jax']}/PyTorch: median {side['median_ratio']:.3f},"
+                f" spread {side['min_ratio']:.3f}-{side['max_ratio']:.3f};"
+                f" relative to JAX {result['per_jax'][0]['jax']}: {side['median_relative_to_first']:.3f} "
+                f"over {args.pairs} rounds ({args.model}, {args.stem} stem, batch {args.batch_size}, {args.dtype})"
+            )
     print(json.dumps(result))
 
 

@@ -33,8 +33,32 @@ def test_leaves_runs_without_the_cpu_alone(tested_jaxlib, platforms):
     assert "XLA_FLAGS" not in environ
 
 
-def test_leaves_untested_jaxlib_versions_alone(monkeypatch):
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")
+def test_the_installed_jaxlib_is_measured_and_its_xla_takes_the_flag():
+    """Fails on a jaxlib the flag was not measured with (a new lock file, a new leg): measure it
+    (README, "Tested with"), then add it to MEASURED_JAXLIB; and fails if this XLA refuses the flag."""
+    version = importlib.metadata.version("jaxlib")
+    assert version.startswith(xla_flags.MEASURED_JAXLIB), f"jaxlib {version} is not in MEASURED_JAXLIB"
     environ = {}
     xla_flags.set_cpu_defaults(environ)
-    assert environ == {}
+    assert environ["XLA_FLAGS"] == f"{FLAG}=dot,eltwise,reduce"
+    assert xla_flags.accepted(environ["XLA_FLAGS"])
+
+
+def test_xla_refuses_an_unknown_flag():
+    assert not xla_flags.accepted("--xla_cpu_no_such_flag_anywhere=1")
+
+
+@pytest.mark.parametrize("accepts", [True, False])
+def test_a_newer_jaxlib_gets_the_flag_only_if_its_xla_accepts_it(monkeypatch, capsys, accepts):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.0.0")
+    probed = []
+    monkeypatch.setattr(xla_flags, "accepted", lambda flags: probed.append(flags) or accepts)
+    environ = {}
+    xla_flags.set_cpu_defaults(environ)
+    assert probed == [f"{FLAG}=dot,eltwise,reduce"]
+    if accepts:
+        assert environ["XLA_FLAGS"] == probed[0] and capsys.readouterr().err == ""
+    else:
+        assert environ["XLA_FLAGS"] == ""
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "refuses" in err and "xla_flags.py" in err
