@@ -26,6 +26,7 @@ def get_config():
     config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.data.validation_examples = 0  # train examples held out (balanced, fixed) to pick the best checkpoint
     config.data.download = True  # download and prepare the data set if data_dir lacks it
+    config.data.archive = ""  # prepare from this copy of the official archive (cifar-10-binary.tar.gz) instead
     config.data.augment = True  # random crop + horizontal flip on the device
     config.data.crop_padding = 4  # pixels of padding around the image before the random 32x32 crop
     config.data.padding_mode = "reflect"  # "reflect" or "zero" padding for the crop

@@ -1,13 +1,22 @@
 """tfds data sets (CIFAR-10, CIFAR-100): opened, prepared on first use when allowed, and read
-whole into host memory as uint8 without TensorFlow (array_record through `tfds.data_source`)."""
+whole into host memory as uint8, all without TensorFlow.
 
+Preparing takes the official archive (data.archive, or downloaded and checksummed by tfds's
+download manager into DATA_DIR/downloads) and writes what tfds's own CIFAR builders write
+(cifar_archive, tfds_format); reading goes through `tfds.data_source` (array_record).
+"""
+
+import importlib.util
+import os
+import shutil
 import socket
+import tempfile
 import urllib.parse
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from resnet_jax.data import dataset
+from resnet_jax.data import cifar_archive, dataset, tfds_format
 from resnet_jax.errors import Error, first_line
 
 _READ_CHUNK = 5000  # records decoded per call when reading an array_record split
@@ -16,23 +25,29 @@ _READ_CHUNK = 5000  # records decoded per call when reading an array_record spli
 def load(data_config, splits: Sequence[str] = dataset.SPLITS) -> dataset.Dataset:
     """The tfds data set `data_config.name` in `data_config.data_dir`, preparing it first if
     needed (and allowed): its `splits` (train, then test) as a Dataset."""
+    builder = _builder(data_config)
+    if not builder.is_prepared():
+        _prepare(builder, data_config)
+        builder = _builder(data_config)  # re-read: the builder of an unprepared data set has no splits
+    train, test = (_read_split(builder, split) for split in splits)
+    return dataset.from_splits(data_config.name, builder.info.features["label"].names, train, test)
+
+
+def _builder(data_config):
     import tensorflow_datasets as tfds  # Imported here: it is slow and only needed here.
 
     try:
-        builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
+        return tfds.builder(data_config.name, data_dir=data_config.data_dir)
     except Exception as e:  # tfds raises DatasetNotFoundError and friends.
         raise Error(f"cannot open tfds data set {data_config.name!r}: {first_line(e)}") from None
-    if not builder.is_prepared():
-        _download_and_prepare(builder, data_config)
-    train, test = (_read_split(builder, split) for split in splits)
-    return dataset.from_splits(data_config.name, builder.info.features["label"].names, train, test)
 
 
 def _missing_message(builder, why: str) -> str:
     return (
         f"data set {builder.name} {builder.version} is not prepared in {builder.data_dir} and {why}. "
         f"Fix: point --config.data.data_dir at a folder holding a prepared copy "
-        f"({builder.name}/{builder.version}/), or prepare it on a machine with network "
+        f"({builder.name}/{builder.version}/), or set --config.data.archive to a copy of "
+        f"{cifar_archive.ARCHIVES[builder.name][0]}, or prepare it on a machine with network "
         f"(the same command) and copy that folder here"
     )
 
@@ -48,18 +63,52 @@ def download_host_reachable(url: str, timeout: float = 5.0) -> Optional[str]:
         return f"{parts.hostname}:{port} unreachable: {first_line(e)}"
 
 
-def _download_and_prepare(builder, data_config) -> None:
-    """Runs tfds's download_and_prepare, failing fast (not hanging) without network."""
+def _data_dir(builder) -> str:
+    """The data_dir that holds the builder's NAME/VERSION folder."""
+    return os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+
+
+def _prepare(builder, data_config) -> None:
+    """Writes the data set into data_dir from its official archive: data.archive if set, else
+    downloaded, failing fast (not hanging) without network. Written aside, then moved into
+    place, so an interrupted preparation leaves no half data set."""
+    archive = data_config.archive
+    if not archive:
+        archive = _download(builder, data_config)
+    try:
+        splits, label_names = cifar_archive.read(archive, builder.name)
+    except ValueError as e:
+        raise Error(_missing_message(builder, f"cannot be prepared: {first_line(e)}")) from None
+    root = _data_dir(builder)
+    os.makedirs(os.path.join(root, builder.name), exist_ok=True)
+    aside = tempfile.mkdtemp(prefix=f".{builder.name}-incomplete-", dir=root)
+    try:
+        folder = tfds_format.write(aside, builder.name, splits, label_names)
+        try:
+            os.replace(folder, os.fspath(builder.data_dir))
+        except OSError:  # Another process of the run prepared it first.
+            if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+                raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _download(builder, data_config) -> str:
+    """The official archive, downloaded and checksummed by tfds (against the checksums it ships)."""
+    import tensorflow_datasets as tfds
+
     if not data_config.download:
         raise Error(_missing_message(builder, "data.download is False"))
+    url = cifar_archive.ARCHIVES[builder.name][0]
     # tfds retries for minutes when offline; a short connection probe finds out at once.
-    unreachable = download_host_reachable(builder.info.homepage)
+    unreachable = download_host_reachable(url)
     if unreachable:
         raise Error(_missing_message(builder, f"cannot be downloaded ({unreachable})"))
+    manager = tfds.download.DownloadManager(download_dir=os.path.join(_data_dir(builder), "downloads"))
     try:
-        builder.download_and_prepare(file_format="array_record")
+        return os.fspath(manager.download(url))
     except Exception as e:
-        raise Error(_missing_message(builder, f"preparing it failed: {first_line(e)}")) from None
+        raise Error(_missing_message(builder, f"downloading {url} failed: {first_line(e)}")) from None
 
 
 def _read_split(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -79,6 +128,12 @@ def _read_split(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
                 labels.extend(r["label"] for r in records)
             images, labels = np.stack(images), np.asarray(labels)
         else:  # The older tfrecord format (an existing ~/tensorflow_datasets, gs://): needs TF.
+            if importlib.util.find_spec("tensorflow") is None:
+                raise Error(
+                    f"{where} holds {builder.name} in the tfrecord format, which only TensorFlow reads: "
+                    f"pip install tensorflow-cpu, or point --config.data.data_dir at an empty folder to prepare "
+                    f"an array_record copy there"
+                )
             data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
             images, labels = data["image"], data["label"]
     except Error:
