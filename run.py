@@ -11,6 +11,8 @@ exit code 1; success and a clean stop on SIGTERM/SIGINT in exit code 0. RESNET_J
 shows every error with its Python traceback instead (for bug reports).
 """
 
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import sys
@@ -22,6 +24,21 @@ from resnet_jax import xla_flags
 from resnet_jax.errors import Error, RunFailure
 
 xla_flags.set_cpu_defaults()  # Before anything imports jax.
+
+
+def _load_source(module_name: str, module_path: str):
+    """ml_collections (1.1.0, the newest) loads config files with SourceFileLoader.load_module(),
+    deprecated since Python 3.4 and removed in 3.15, so every run warns; this is its
+    `_load_source` on exec_module(), which it has called by that name since 1.0."""
+    loader = importlib.machinery.SourceFileLoader(module_name, module_path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
+    sys.modules[module_name] = module  # as load_module() did
+    loader.exec_module(module)
+    return module
+
+
+if hasattr(config_flags.config_flags, "_load_source"):
+    config_flags.config_flags._load_source = _load_source
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)

@@ -5,6 +5,15 @@
     WORKDIR/export/saved_model/      jax2tf: tf.saved_model.load(path).signatures["serving_default"](images=images)
     WORKDIR/export/model.json        class names, input format, normalisation, checkpoint step and accuracy
 
+Versions: ONNX needs jax < 0.12 (every jax2onnx release through 0.17.1 calls
+`jax._src.core.ClosedJaxpr`, which jax 0.12 folded into `Jaxpr`), and is refused before any
+work on newer jax. A SavedModel takes a symbolic batch where TensorFlow's XlaCallModule
+reads the StableHLO that jax writes; where it does not (TensorFlow 2.21 with jax 0.12: jax
+writes the batch's shape assertion as `vhlo.custom_call_v2`, which TF's older StableHLO
+lacks), the SavedModel runs a fixed batch of SAVEDMODEL_CHUNK images and pads and splits
+any batch into such chunks itself: still any batch size, at the cost of computing up to
+SAVEDMODEL_CHUNK - 1 padding images per call.
+
 Each maps uint8 RGB images, NHWC, of any batch size, to float32 logits: it is
 `pipeline.preprocess` followed by the model with `train=False` and the checkpoint's
 params and BatchNorm statistics baked in as constants. The graph computes in float32
@@ -39,6 +48,8 @@ PARITY_ATOL = 1e-4  # largest |logit difference| an export may show against the 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FILES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx", "savedmodel": "saved_model"}
 PACKAGES = {"stablehlo": (), "onnx": ("jax2onnx", "onnxruntime"), "savedmodel": ("tensorflow",)}
+ONNX_JAX_BELOW = (0, 12)  # the first jax release that no jax2onnx converts on
+SAVEDMODEL_CHUNK = 32  # the SavedModel's fixed batch where TensorFlow cannot read a symbolic one
 
 
 def serving_function(model, variables, mean, std):
@@ -92,17 +103,51 @@ def export_onnx(serve, image_shape, path):
 
 
 def export_savedmodel(serve, image_shape, path):
-    """Converts `serve` with jax2tf (batch polymorphic) into a SavedModel; returns its reloaded signature."""
+    """Converts `serve` with jax2tf into a SavedModel for any batch size; returns its reloaded signature.
+
+    A symbolic batch where this TensorFlow can run it, else chunks of SAVEDMODEL_CHUNK (module docstring).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        run = _savedmodel(serve, image_shape, path, chunk=None)
+        run(np.zeros((1, *image_shape), np.uint8))  # TensorFlow deserialises the module on the first call
+        return run
+    except tf.errors.InvalidArgumentError as e:
+        if "Cannot deserialize computation" not in str(e):
+            raise
+    logging.info(
+        "TensorFlow %s cannot run jax %s's symbolic-batch module; the SavedModel runs batches of %d, padding the last",
+        tf.__version__,
+        jax.__version__,
+        SAVEDMODEL_CHUNK,
+    )
+    return _savedmodel(serve, image_shape, path, chunk=SAVEDMODEL_CHUNK)
+
+
+def _savedmodel(serve, image_shape, path, chunk):
+    """The SavedModel of `serve` for a symbolic batch (chunk None) or in fixed chunks of `chunk` images."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    converted = jax2tf.convert(
-        serve, polymorphic_shapes=["(batch, _, _, _)"], with_gradient=False, native_serialization_platforms=PLATFORMS
-    )
+    options = {"with_gradient": False, "native_serialization_platforms": PLATFORMS}
+    if chunk is None:
+        call = jax2tf.convert(serve, polymorphic_shapes=["(batch, _, _, _)"], **options)
+    else:
+        converted = jax2tf.convert(serve, **options)  # traced at the chunk's static shape
+        logits_shape = jax.eval_shape(serve, jax.ShapeDtypeStruct((chunk, *image_shape), jnp.uint8)).shape
+
+        def call(images):
+            count = tf.shape(images)[0]
+            padded = tf.pad(images, [[0, (-count) % chunk]] + [[0, 0]] * len(image_shape))
+            chunks = tf.reshape(padded, (-1, chunk, *image_shape))
+            logits = tf.map_fn(converted, chunks, fn_output_signature=tf.TensorSpec(logits_shape, tf.float32))
+            return tf.reshape(logits, (-1, logits_shape[-1]))[:count]
+
     module = tf.Module()
     module.serve = tf.function(
-        lambda images: {"logits": converted(images)},
+        lambda images: {"logits": call(images)},
         input_signature=[tf.TensorSpec((None,) + image_shape, tf.uint8, name="images")],
         autograph=False,
     )
@@ -119,7 +164,14 @@ EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "savedmodel": e
 
 
 def check_packages(formats) -> None:
-    """An Error, before any work, when a format's optional packages are not installed."""
+    """An Error, before any work, when a format's optional packages are not installed, or
+    (ONNX) the installed jax is one its converter does not support."""
+    if "onnx" in formats and jax.__version_info__[:2] >= ONNX_JAX_BELOW:
+        raise Error(
+            f"exporting onnx needs jax<{'.'.join(map(str, ONNX_JAX_BELOW))} (jax2onnx, every release through 0.17.1, "
+            f"fails on jax {jax.__version__}): leave onnx out of --config.export_formats, or use the pinned "
+            f"install (Python 3.11, pip install -c constraints.txt -e '.[export]')"
+        )
     for name in formats:
         missing = [p for p in PACKAGES[name] if importlib.util.find_spec(p) is None]
         if missing:

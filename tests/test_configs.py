@@ -152,3 +152,21 @@ def test_resnet_jax_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
     assert "resnet_jax.errors.Error: --config.batch_size must be positive" in result.stderr
+
+
+def test_loading_a_config_file_raises_no_deprecation_warning():
+    """ml_collections' own loader calls the deprecated load_module() (removed in Python 3.15);
+    run.py's replacement must keep --config working with DeprecationWarning as an error."""
+    import subprocess
+    import sys
+
+    command = ["run.py", "--config", "configs/smoke.py", "--mode", "summary"]
+    done = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", *command],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resnet8 for cifar10" in done.stdout
