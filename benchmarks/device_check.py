@@ -53,6 +53,7 @@ GPU_TESTS = [
     "-m",
     "not slow and not multidevice and not multiprocess and not zoo",
 ]
+WHEELS_PYTHON = (3, 12)  # the image's Python, which benchmarks/fetch_device_wheels.sh fetches for
 ACCURACY_MARKS = (0.90, 0.93, 0.94, 0.95)
 RECIPE_EPOCHS, MIN_EPOCHS = 24, 10  # the time-to-accuracy recipe's length, and the shortest worth running
 
@@ -278,8 +279,8 @@ def setup_stage(check, args, sizes, data_dir, background):
     device with what follows), then builds the data set."""
     result = {"wheels_installed": 0}
     wheels = sorted(glob.glob(os.path.join(args.wheels, "*.whl"))) if args.wheels else []
-    if wheels and args.dry_run:  # They are for the GPU machine's Python 3.12, not this one.
-        result["message"] = f"dry run: {len(wheels)} wheels in {args.wheels} not installed"
+    if wheels and sys.version_info[:2] != WHEELS_PYTHON:  # A dry run elsewhere than a rehearsal.
+        result["message"] = f"{len(wheels)} wheels in {args.wheels} are for Python 3.12, not this one: not installed"
     elif wheels:
         target = os.path.join(tempfile.gettempdir(), "device_check_site")
         code, output = check.run(

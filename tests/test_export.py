@@ -161,9 +161,9 @@ def test_formats_are_validated_and_missing_packages_named(monkeypatch):
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None)
     export.check_packages(["stablehlo"])
     with pytest.raises(
-        Error, match=r"exporting onnx needs jax2onnx and onnxruntime: pip install -c constraints.txt -e '\.\[export\]'"
+        Error, match=r"exporting savedmodel needs tensorflow: pip install -c constraints.txt -e '\.\[export\]'"
     ):
-        export.check_packages(["stablehlo", "onnx"])
+        export.check_packages(["stablehlo", "savedmodel"])
 
 
 def test_onnx_is_refused_before_any_work_on_a_jax_no_converter_supports(monkeypatch):
