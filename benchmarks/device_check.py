@@ -3,6 +3,7 @@ time-to-accuracy, in at most 8 minutes, set-up included.
 
     python benchmarks/device_check.py --out DIR [--wheels .whl] [--archive .carry/cifar10_jpeg.tar.xz]
     python benchmarks/device_check.py --out DIR --dry-run      # every stage at tiny sizes, on this CPU
+    python benchmarks/device_check.py --out DIR --dry-run --real-tests --budget 1800   # with the real test selections
 
 Stages, each skipped with a message when what is left of `--budget` would not hold it:
 
@@ -480,9 +481,14 @@ def main(argv=None):
     )
     parser.add_argument("--budget", type=float, default=None, help="seconds for everything (default: 480; dry run 300)")
     parser.add_argument("--dry-run", action="store_true", help="every stage at tiny sizes on this machine's CPU")
+    parser.add_argument(
+        "--real-tests", action="store_true", help="with --dry-run: the real check's test selections (the rehearsal)"
+    )
     args = parser.parse_args(argv)
 
     sizes = DRY if args.dry_run else REAL
+    if args.dry_run and args.real_tests:
+        sizes = {key: value for key, value in DRY.items() if key != "gpu_tests"} | {"cpu_tests": REAL["cpu_tests"]}
     check = Check(args.out, sizes["budget"] if args.budget is None else args.budget, args.dry_run)
     if args.dry_run:  # Several devices, so that the pmapped paths run as on a machine with several GPUs.
         check.env["XLA_FLAGS"] = (check.env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
