@@ -123,7 +123,7 @@ def test_weight_average_follows_its_formula_and_is_identical_on_1_and_8_devices(
 @pytest.mark.multidevice
 def test_mixup_and_cutmix_train_the_same_on_1_and_8_devices(dataset):
     config = smoke.get_config()
-    config.mixup_alpha, config.cutmix_alpha, config.seed = 0.4, 1.0, 1
+    config.mixup_alpha, config.cutmix_alpha, config.label_smoothing, config.seed = 0.4, 1.0, 0.1, 1
     # Seed 1's 3 steps draw both: CutMix (a 0/1 box of the own pixels) and Mixup (one weight everywhere).
     weights = [np.unique(train.Setup(config, dataset).mix_fn(step, 32, 32)[1]) for step in range(3)]
     assert {len(w) for w in weights} == {1, 2} and all(0 < w.min() < 1 for w in weights if len(w) == 1)
@@ -481,6 +481,8 @@ def test_the_sharded_layout_resumes_a_pmap_checkpoint_then_evaluates_and_exports
 def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path, layout):
     """Two processes of two devices each, under `layout`, against one process of four under pmap."""
     args = ("--config.num_train_steps=6", "--config.log_every_steps=3", "--config.eval_every_epochs=100")
+    # Mixup and CutMix on: every row's partner (its mirrored position, pipeline.partner) is on the other process.
+    args += ("--config.mixup_alpha=0.4", "--config.cutmix_alpha=1.0")
     one = tmp_path / "one"
     single = run_cli(
         *smoke_args(tiny_data_dir, one), *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
