@@ -56,7 +56,8 @@ def train_batch(
     `position` is each example's index in the global batch: augmentation draws from it. With
     `mix`, each row also carries its `partner`'s image, label and position, read here from the
     global batch's indices: the host holds the whole split, so no device needs another's rows,
-    and the partner is augmented on the device by its own position, exactly as its own row is.
+    and the partner is augmented on the device by its own position, exactly as its own row is
+    (what the extra image costs: README, "Mixup and CutMix, measured").
     """
     idx = train_indices(step, num_examples=len(images), batch_size=batch_size, seed=seed)
     positions = np.arange(batch_size, dtype=np.int32)[part]
