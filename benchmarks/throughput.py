@@ -33,6 +33,7 @@ a synthetic uint8 data set of random images (`--num-train` of them in memory, CI
                                     [--eval-batch-size N] [--steps 5] [--repeats 3] [--no-augment] [--train-only]
                                     [--no-breakdown] [--json]
     python benchmarks/throughput.py --config configs/resnet18.py --json
+    python benchmarks/throughput.py --config configs/resnet18_mix.py --json    # with CutMix
 """
 
 import argparse
@@ -188,7 +189,12 @@ def train_step_flops(setup, devices) -> float:
     config, dataset = setup.config, setup.dataset
     state = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], setup.initial_state)
     batch = pipeline.train_batch(
-        dataset.train_images, dataset.train_labels, 0, batch_size=config.batch_size // len(devices), seed=config.seed
+        dataset.train_images,
+        dataset.train_labels,
+        0,
+        batch_size=config.batch_size // len(devices),
+        seed=config.seed,
+        mix=train.mixes(config),
     )
     batch = jax.tree_util.tree_map(lambda x: x[None], batch)  # the one-element axis
     lowered = jax.jit(jax.vmap(setup.train_step(), axis_name=parallel.AXIS)).lower(state, batch)
@@ -280,6 +286,9 @@ def main():
         "dtype": config.model.dtype,
         "parallel": config.parallel,
         "augment": config.data.augment,
+        "mixup_alpha": config.mixup_alpha,
+        "cutmix_alpha": config.cutmix_alpha,
+        "mix_prob": config.mix_prob,
         "steps": args.steps,
         "repeats": args.repeats,
         "num_train": args.num_train,

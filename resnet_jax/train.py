@@ -139,25 +139,55 @@ def eval_variables(state: TrainState) -> dict:
 # -------------------------------------------------------------------------------- steps
 
 
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-    """Per-example cross-entropy against (optionally smoothed) one-hot labels."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+def mixes(config) -> bool:
+    """Whether training mixes batches: Mixup or CutMix on, and some batches mixed."""
+    return (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and config.mix_prob > 0
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0, partner_labels=None, lam=1.0):
+    """Per-example cross-entropy against (optionally smoothed) one-hot labels. With `partner_labels`
+    (Mixup, CutMix), against lam * smoothed(labels) + (1 - lam) * smoothed(partner_labels): each
+    one-hot smoothed, then the two mixed, as timm's mixup_target."""
+
+    def smoothed(y):
+        return optax.smooth_labels(jax.nn.one_hot(y, num_classes), label_smoothing)
+
+    targets = smoothed(labels)
+    if partner_labels is not None:
+        targets = lam * targets + (1.0 - lam) * smoothed(partner_labels)
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, label_smoothing, ema_decay=0.0):
+def accuracy(logits, labels, partner_labels=None, lam=1.0):
+    """Top-1 accuracy against the dominant label: each example's own (weight lam >= 0.5), else its partner's."""
+    if partner_labels is not None:
+        labels = jnp.where(lam >= 0.5, labels, partner_labels)
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def train_step(
+    state: TrainState, batch, *, preprocess_fn: Callable, aug_key, label_smoothing, ema_decay=0.0, mix_fn=None
+):
     """One SGD step on this device's part of the global batch; gradients are averaged over parallel.AXIS.
 
-    Augmentation draws from `aug_key` folded with the step (none when `aug_key` is None).
+    Augmentation draws from `aug_key` folded with the step (none when `aug_key` is None). With
+    `mix_fn` (`pipeline.mix_weights` configured), each image is mixed with its partner's, which the
+    batch carries and which is augmented by its own position, by the step's one draw.
     """
     key = None if aug_key is None else jax.random.fold_in(aug_key, state.step)
     images = preprocess_fn(batch["image"], key=key, positions=batch["position"])
+    partner_labels, lam = None, 1.0
+    if mix_fn is not None:
+        partners = preprocess_fn(batch["partner_image"], key=key, positions=batch["partner_position"])
+        lam, weight = mix_fn(state.step, *images.shape[1:3])
+        images = (weight * images + (1.0 - weight) * partners).astype(images.dtype)
+        partner_labels = batch["partner_label"]
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
         )
-        loss = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing).mean()
+        loss = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing, partner_labels, lam).mean()
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -165,14 +195,14 @@ def train_step(state: TrainState, batch, *, preprocess_fn: Callable, aug_key, la
     # Without sync BN each device normalises by its own batch; averaging the running
     # statistics keeps the state identical on every device all the same.
     batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
-    loss, accuracy = jax.lax.pmean((loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"])), parallel.AXIS)
+    loss, top1 = jax.lax.pmean((loss, accuracy(logits, batch["label"], partner_labels, lam)), parallel.AXIS)
     sums = state.train_metrics
     first_bad = jnp.where(
         (sums["first_nonfinite_step"] < 0) & ~jnp.isfinite(loss), state.step + 1, sums["first_nonfinite_step"]
     )
     train_metrics = {
         "loss": sums["loss"] + loss,
-        "accuracy": sums["accuracy"] + accuracy,
+        "accuracy": sums["accuracy"] + top1,
         "count": sums["count"] + 1,
         "first_nonfinite_step": first_bad.astype(jnp.int32),
     }
@@ -245,6 +275,16 @@ class Setup:
         self.preprocess_fn = functools.partial(
             pipeline.preprocess, mean=mean, std=std, dtype=self.model.dtype, data_config=config.data
         )
+        # Mixup/CutMix draws from a stream of its own, so the init and augmentation keys stay as they were.
+        self.mix_fn = None  # (step, height, width) -> (lam, weight), when mixing
+        if mixes(config):
+            self.mix_fn = functools.partial(
+                pipeline.mix_weights,
+                jax.random.fold_in(jax.random.key(config.seed), 1),
+                mixup_alpha=config.mixup_alpha,
+                cutmix_alpha=config.cutmix_alpha,
+                mix_prob=config.mix_prob,
+            )
 
     def train_step(self):
         """The per-device train step, configured."""
@@ -254,6 +294,7 @@ class Setup:
             aug_key=self.aug_key if self.config.data.augment else None,
             label_smoothing=self.config.label_smoothing,
             ema_decay=self.config.ema_decay,
+            mix_fn=self.mix_fn,
         )
 
     def parallel_train_step(self, devices=None):
@@ -277,5 +318,6 @@ class Setup:
             batch_size=config.batch_size,
             seed=config.seed,
             part=self.layout.process_slice(config.batch_size),
+            mix=mixes(config),
         )
         return self.layout.device_batches(batches, devices)

@@ -31,6 +31,7 @@ def test_the_configs_the_readme_promises_exist():
         "smoke",
         "resnet9_fast",
         "cifar100",
+        "resnet18_mix",
     } <= set(CONFIG_NAMES)
 
 
@@ -82,6 +83,14 @@ def test_page_resnet9_and_cifar100_recipes():
     assert cifar100 == r18  # otherwise the flagship recipe
 
 
+def test_resnet18_mix_is_the_flagship_recipe_plus_cutmix():
+    mix, r18 = load("resnet18_mix"), load("resnet18")
+    assert (mix.cutmix_alpha, mix.mixup_alpha, mix.mix_prob, mix.num_epochs) == (1.0, 0.0, 1.0, 300)
+    assert train.mixes(mix) and not train.mixes(r18)
+    mix.cutmix_alpha, mix.num_epochs = r18.cutmix_alpha, r18.num_epochs
+    assert mix == r18  # otherwise the flagship recipe
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -100,6 +109,9 @@ def test_page_resnet9_and_cifar100_recipes():
         ("--config.data.validation_examples=-1", "data.validation_examples must be >= 0"),
         ("--config.data.padding_mode=wrap", "data.padding_mode='wrap' is not one of: reflect, zero"),
         ("--config.parallel=jit", "parallel='jit' is not one of: pmap, sharded"),
+        ("--config.mixup_alpha=-0.2", "mixup_alpha and cutmix_alpha must be >= 0 (0: off), got -0.2, 0.0"),
+        ("--config.cutmix_alpha=-1.0", "mixup_alpha and cutmix_alpha must be >= 0 (0: off), got 0.0, -1.0"),
+        ("--config.mix_prob=1.5", "mix_prob must be in [0, 1]"),
     ],
 )
 def test_invalid_values_are_rejected_before_anything_runs(tmp_path, override, message):

@@ -180,6 +180,60 @@ def test_augmentation_depends_on_position_not_on_device_layout():
     assert len({np.asarray(o).tobytes() for o in out}) > 1
 
 
+def test_a_mixed_pair_is_the_same_whichever_rows_a_device_or_process_holds():
+    images = np.random.default_rng(0).integers(0, 256, (100, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(100, dtype=np.int32)
+    kw = dict(batch_size=16, seed=0, mix=True)
+    whole = pipeline.train_batch(images, labels, 3, **kw)
+    # The partner is the mirrored position of the global batch (timm's batch.flip(0)).
+    np.testing.assert_array_equal(whole["partner_position"], 15 - np.arange(16))
+    np.testing.assert_array_equal(whole["partner_label"], whole["label"][::-1])
+    key = jax.random.key(7)
+    augmented = np.asarray(pipeline.augment(key, whole["image"], whole["position"])[0])
+    for processes, devices in ((1, 8), (2, 4), (4, 1)):
+        for p in range(processes):
+            part = parallel.process_slice(16, p, processes)
+            rows = parallel.shard(pipeline.train_batch(images, labels, 3, part=part, **kw), devices)
+            for d in range(devices):
+                # Each row's partner, augmented on the device that holds the row by its own
+                # position, is exactly what the partner's own row becomes wherever it is.
+                partners = pipeline.augment(key, rows["partner_image"][d], rows["partner_position"][d])[0]
+                np.testing.assert_array_equal(partners, augmented[rows["partner_position"][d]])
+    assert "partner_image" not in pipeline.train_batch(images, labels, 3, batch_size=16, seed=0)  # not sent unmixed
+
+
+def test_the_mix_draw_is_a_pure_function_of_seed_and_step():
+    def draw(seed, step, mixup_alpha=0.4, cutmix_alpha=1.0, mix_prob=1.0):
+        lam, weight = pipeline.mix_weights(
+            jax.random.key(seed), step, 16, 12, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mix_prob=mix_prob
+        )
+        return float(lam), np.asarray(weight)
+
+    first = draw(0, 5)
+    assert first[0] == draw(0, 5)[0] and np.array_equal(first[1], draw(0, 5)[1])  # as after a restore
+    assert draw(0, 6)[0] != first[0] and draw(1, 5)[0] != first[0]
+    kinds = []
+    for step in range(40):
+        lam, weight = draw(0, step)
+        assert weight.shape == (16, 12, 1) and 0 < lam <= 1
+        values = set(np.unique(weight))
+        if values <= {0.0, 1.0}:  # CutMix: lam is the area outside the pasted box
+            kinds.append("cutmix")
+            assert lam == pytest.approx(1 - (weight == 0).sum() / (16 * 12), rel=1e-6)
+            rows, cols = np.nonzero(weight[..., 0] == 0)
+            assert (weight[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] == 0).all()  # one box
+        else:  # Mixup: one weight everywhere
+            kinds.append("mixup")
+            assert values == {np.float32(lam)}
+    assert 10 < kinds.count("cutmix") < 30  # one of the two per batch, evenly
+    assert all(set(np.unique(draw(0, s, mixup_alpha=0)[1])) == {0.0, 1.0} for s in range(5))  # CutMix alone
+    assert all(len(np.unique(draw(0, s, cutmix_alpha=0)[1])) == 1 for s in range(5))  # Mixup alone
+    # mix_prob: the share of batches mixed at all; the others keep lam 1 and their own pixels.
+    unmixed = [draw(0, s, mix_prob=0.5) for s in range(40)]
+    assert 10 < sum(lam == 1 and (weight == 1).all() for lam, weight in unmixed) < 30
+    assert all(lam == 1 and (weight == 1).all() for lam, weight in (draw(0, s, mix_prob=0.0) for s in range(5)))
+
+
 def test_cutout_erases_a_square_after_normalisation():
     images = jnp.full((4, 16, 16, 3), 200, jnp.uint8)
     config = ml_collections.ConfigDict(dict(crop_padding=0, padding_mode="zero", cutout=6))

@@ -40,6 +40,8 @@ def tiny_config(layout="pmap"):
     config.batch_size, config.eval_batch_size, config.num_train_steps = 32, 16, STEPS
     config.log_every_steps, config.eval_every_epochs, config.checkpoint_every_steps = 3, 1.0, 3
     config.ema_decay, config.keep_checkpoints, config.parallel = 0.9, 10, layout
+    # Mixup and CutMix on, so that resume (bitwise) and the cross-layout resume are checked with them too.
+    config.mixup_alpha, config.cutmix_alpha = 0.4, 1.0
     return config
 
 

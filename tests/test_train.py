@@ -120,6 +120,51 @@ def test_weight_average_follows_its_formula_and_is_identical_on_1_and_8_devices(
     assert train.Setup(config, dataset).initial_state.ema is None
 
 
+@pytest.mark.multidevice
+def test_mixup_and_cutmix_train_the_same_on_1_and_8_devices(dataset):
+    config = smoke.get_config()
+    config.mixup_alpha, config.cutmix_alpha, config.label_smoothing, config.seed = 0.4, 1.0, 0.1, 1
+    # Seed 1's 3 steps draw both: CutMix (a 0/1 box of the own pixels) and Mixup (one weight everywhere).
+    weights = [np.unique(train.Setup(config, dataset).mix_fn(step, 32, 32)[1]) for step in range(3)]
+    assert {len(w) for w in weights} == {1, 2} and all(0 < w.min() < 1 for w in weights if len(w) == 1)
+    one = run_steps(config, dataset, 1)
+    eight = run_steps(config, dataset, 8)
+    for name in ("params", "batch_stats", "train_metrics"):
+        chex.assert_trees_all_close(getattr(eight, name), getattr(one, name), rtol=1e-4, atol=1e-5)
+    # ... and not as without mixing: the params differ well beyond that tolerance.
+    config.mixup_alpha = config.cutmix_alpha = 0.0
+    plain = run_steps(config, dataset, 1)
+    diffs = [
+        np.abs(a - b).max()
+        for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(plain.params))
+    ]
+    assert max(diffs) > 1e-3
+
+
+def test_mixed_targets_reduce_to_cross_entropy_at_lambda_1_and_compose_with_label_smoothing():
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]], np.float32)
+    labels, partners = np.array([0, 1]), np.array([2, 2])
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    hard = -log_p[[0, 1], labels]
+    np.testing.assert_allclose(train.cross_entropy(logits, labels, 3, 0.0, partners, 1.0), hard, rtol=1e-6)
+    smooth = -(np.where(np.eye(3)[labels] == 1, 0.8, 0.1) * log_p).sum(-1)  # smoothing 0.3: 1 - 0.3 + 0.1, 0.1
+    np.testing.assert_allclose(train.cross_entropy(logits, labels, 3, 0.3, partners, 1.0), smooth, rtol=1e-6)
+    np.testing.assert_allclose(train.cross_entropy(logits, labels, 3, 0.3), smooth, rtol=1e-6)
+    # Each one-hot smoothed to (0.8, 0.1, 0.1), then mixed 0.7 / 0.3: row 0's target is (0.59, 0.1, 0.31).
+    targets = np.array([[0.7 * 0.8 + 0.3 * 0.1, 0.1, 0.7 * 0.1 + 0.3 * 0.8], [0.1, 0.59, 0.31]])
+    expected = -(targets * log_p).sum(-1)
+    np.testing.assert_allclose(train.cross_entropy(logits, labels, 3, 0.3, partners, 0.7), expected, rtol=1e-6)
+
+
+def test_train_accuracy_on_mixed_batches_counts_the_dominant_label():
+    logits = np.eye(4, dtype=np.float32)  # predicts 0, 1, 2, 3
+    labels, partners = np.array([0, 1, 2, 0]), np.array([1, 0, 0, 3])  # own right 3 of 4, partner 1 of 4
+    assert float(train.accuracy(logits, labels)) == 0.75
+    assert float(train.accuracy(logits, labels, partners, 0.7)) == 0.75
+    assert float(train.accuracy(logits, labels, partners, 0.5)) == 0.75  # a tie goes to the own label
+    assert float(train.accuracy(logits, labels, partners, 0.3)) == 0.25
+
+
 @pytest.mark.parametrize("tta", train.TTA_MODES)
 def test_test_time_augmentation_averages_airbench_views(tta):
     images = np.arange(2 * 4 * 5 * 1, dtype=np.float32).reshape(2, 4, 5, 1)
@@ -436,6 +481,8 @@ def test_the_sharded_layout_resumes_a_pmap_checkpoint_then_evaluates_and_exports
 def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path, layout):
     """Two processes of two devices each, under `layout`, against one process of four under pmap."""
     args = ("--config.num_train_steps=6", "--config.log_every_steps=3", "--config.eval_every_epochs=100")
+    # Mixup and CutMix on: every row's partner (its mirrored position, pipeline.partner) is on the other process.
+    args += ("--config.mixup_alpha=0.4", "--config.cutmix_alpha=1.0")
     one = tmp_path / "one"
     single = run_cli(
         *smoke_args(tiny_data_dir, one), *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

@@ -5,7 +5,7 @@
     tfds_source  CIFAR-10/100 through tfds (array_record, no TensorFlow to read)
     folder       image folders, train/<class>/ and test/<class>/
     images       one image file to uint8 RGB (folders and --mode predict)
-    pipeline     batches as pure functions of (seed, step), augmentation and normalisation
+    pipeline     batches as pure functions of (seed, step), augmentation and normalisation, Mixup/CutMix
     tfds_writer  real-format tfds data sets written offline
 
 It imports nothing of training, the device layout or the modes.

@@ -7,7 +7,9 @@ batch (`part`, which the device layout chooses: `parallel.process_slice`), and b
 uint8 until they reach the devices. Augmentation (random crop, flip, Cutout) and
 normalisation run on the device, inside the compiled train step, with each example's
 randomness drawn from (seed, step, its position in the global batch), whatever the device
-layout.
+layout. Mixup and CutMix pair each position with another of the global batch (`partner`,
+on the host, which knows the whole batch) and draw one mix per batch from (seed, step)
+(`mix_weights`, on the device).
 """
 
 import functools
@@ -19,6 +21,7 @@ import numpy as np
 
 PADDING_MODES = {"reflect": "reflect", "zero": "constant"}  # data.padding_mode -> jnp.pad mode
 NORMALIZATIONS = ("dataset", "half")
+CUTMIX_SHARE = 0.5  # with Mixup and CutMix both on, the chance a mixed batch is CutMix (timm's switch_prob)
 
 # ---------------------------------------------------------------------------- host side
 
@@ -36,21 +39,43 @@ def train_indices(step: int, *, num_examples: int, batch_size: int, seed: int) -
     return _permutation(seed, epoch, num_examples)[i * batch_size : (i + 1) * batch_size]
 
 
-def train_batch(images, labels, step: int, *, batch_size: int, seed: int, part: slice = slice(None)) -> dict:
+def partner(positions: np.ndarray, batch_size: int) -> np.ndarray:
+    """The global-batch position each position is mixed with: its mirror, as timm mixes a batch
+    with `batch.flip(0)`. The batch is already a random draw of the epoch's permutation, so the
+    pairs are random; no further draw is needed, every pair is mutual and every example is mixed
+    once each way. Pairing over the global batch, not one device's rows, is what keeps a mixed
+    pair the same on every device layout."""
+    return batch_size - 1 - positions
+
+
+def train_batch(
+    images, labels, step: int, *, batch_size: int, seed: int, part: slice = slice(None), mix: bool = False
+) -> dict:
     """Rows `part` of the global train batch at `step`.
 
-    `position` is each example's index in the global batch: augmentation draws from it.
+    `position` is each example's index in the global batch: augmentation draws from it. With
+    `mix`, each row also carries its `partner`'s image, label and position, read here from the
+    global batch's indices: the host holds the whole split, so no device needs another's rows,
+    and the partner is augmented on the device by its own position, exactly as its own row is
+    (what the extra image costs: README, "Mixup and CutMix, measured").
     """
-    idx = train_indices(step, num_examples=len(images), batch_size=batch_size, seed=seed)[part]
-    return {"image": images[idx], "label": labels[idx], "position": np.arange(batch_size, dtype=np.int32)[part]}
+    idx = train_indices(step, num_examples=len(images), batch_size=batch_size, seed=seed)
+    positions = np.arange(batch_size, dtype=np.int32)[part]
+    batch = {"image": images[idx[part]], "label": labels[idx[part]], "position": positions}
+    if mix:
+        partners = partner(positions, batch_size)
+        batch.update(
+            partner_image=images[idx[partners]], partner_label=labels[idx[partners]], partner_position=partners
+        )
+    return batch
 
 
 def train_batches(
-    images, labels, steps: range, *, batch_size: int, seed: int, part: slice = slice(None)
+    images, labels, steps: range, *, batch_size: int, seed: int, part: slice = slice(None), mix: bool = False
 ) -> Iterator[dict]:
     """`train_batch` of each of `steps`, in order."""
     for step in steps:
-        yield train_batch(images, labels, step, batch_size=batch_size, seed=seed, part=part)
+        yield train_batch(images, labels, step, batch_size=batch_size, seed=seed, part=part, mix=mix)
 
 
 def eval_batches(images, labels, *, batch_size: int, part: slice = slice(None)) -> Iterator[dict]:
@@ -103,6 +128,40 @@ def augment(
         return image, keep
 
     return jax.vmap(one)(positions, padded)
+
+
+def mix_weights(
+    key: jax.Array, step, height: int, width: int, *, mixup_alpha: float, cutmix_alpha: float, mix_prob: float
+) -> Tuple[jax.Array, jax.Array]:
+    """One batch's Mixup or CutMix, timm's Mixup in its per-batch mode, drawn from
+    `fold_in(key, step)` alone, so every device of every process draws the same one.
+
+    Whether to mix at all (probability `mix_prob`); with both alphas on, CutMix with probability
+    CUTMIX_SHARE, else Mixup; lambda ~ Beta(alpha, alpha) of the chosen one; for CutMix a box of
+    sides sqrt(1 - lambda) times the image's, centred anywhere and clipped to the image, and
+    lambda corrected to the area left outside it. Returns (lam, weight): lam the weight of each
+    example's own label (1: not mixed), weight (height, width, 1) that of its own pixels (lam
+    everywhere for Mixup, 0 in the box and 1 outside for CutMix); the partner's are 1 - either.
+    """
+    k_mix, k_choice, k_mixup, k_cutmix, k_box = jax.random.split(jax.random.fold_in(key, step), 5)
+    mixed = jax.random.bernoulli(k_mix, mix_prob)
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        cutmix = mixed & jax.random.bernoulli(k_choice, CUTMIX_SHARE)
+    else:
+        cutmix = mixed & (cutmix_alpha > 0)
+    lam_mixup = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+    lam_cutmix = jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+    # timm's rand_bbox: the box's half sides, int(side * sqrt(1 - lambda)) // 2, about a random centre.
+    ratio = jnp.sqrt(1.0 - lam_cutmix)
+    half_h, half_w = (jnp.floor(side * ratio).astype(jnp.int32) // 2 for side in (height, width))
+    cy, cx = jax.random.randint(k_box, (2,), 0, jnp.array([height, width]))
+    y0, y1 = jnp.clip(cy - half_h, 0, height), jnp.clip(cy + half_h, 0, height)
+    x0, x1 = jnp.clip(cx - half_w, 0, width), jnp.clip(cx + half_w, 0, width)
+    ys, xs = jnp.arange(height)[:, None, None], jnp.arange(width)[None, :, None]
+    in_box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+    lam = jnp.where(cutmix, 1.0 - (y1 - y0) * (x1 - x0) / (height * width), jnp.where(mixed, lam_mixup, 1.0))
+    weight = jnp.where(cutmix, jnp.where(in_box, 0.0, 1.0), jnp.broadcast_to(lam, (height, width, 1)))
+    return lam.astype(jnp.float32), weight.astype(jnp.float32)
 
 
 def normalization(data_config, dataset) -> Tuple[np.ndarray, np.ndarray]:
