@@ -2,9 +2,11 @@
 made from the JPEG archive, or what tfds's download manager fetched) -> the array_record data
 set tfds's own builder writes, with the same ids, labels, pixels and order."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -152,3 +154,10 @@ def test_a_truncated_archive_is_one_line_and_leaves_nothing(official, tmp_path):
         registry.load_dataset(data_config(data_dir, archive=str(broken)))
     assert "not cifar10's official archive" in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(data_dir / "cifar10" / "3.0.2")
+
+
+def test_the_core_install_requires_no_tensorflow():
+    """pip reads these requirements: TensorFlow only in the export extra (SavedModel)."""
+    names = {r: re.match(r"[A-Za-z0-9_.-]+", r).group().lower() for r in importlib.metadata.requires("resnet-jax")}
+    tensorflow = [r for r, name in names.items() if name in ("tensorflow", "tensorflow-cpu", "tensorflow_cpu")]
+    assert tensorflow and all('extra == "export"' in r for r in tensorflow), tensorflow
