@@ -1,0 +1,76 @@
+"""Joining a multi-process run: through the multi-host flags, or through the cluster the job runs on.
+
+jax recognises SLURM (srun), Open MPI (mpirun), Kubernetes Indexed Jobs and Cloud TPU pods
+from their environment (its `ClusterEnv` classes, tried in its own order) and then finds the
+coordinator, the process count and this process's index itself. `join` asks the same classes
+whether one of them applies, and keeps a one-process job a one-process run: joining there
+would start a coordinator for nothing and, on SLURM and Open MPI, show the process a single GPU.
+"""
+
+import logging
+import os
+from typing import Optional
+
+from resnet_jax.errors import Error
+
+# jax's ClusterEnv classes by their class name, as the start-up line names them.
+NAMES = {
+    "SlurmCluster": "SLURM",
+    "OmpiCluster": "Open MPI",
+    "K8sCluster": "Kubernetes",
+    "GkeTpuCluster": "Cloud TPU (GKE)",
+    "GceTpuCluster": "Cloud TPU",
+}
+
+
+def detect() -> Optional[str]:
+    """The name of the cluster environment that jax.distributed.initialize() would join through,
+    or None: none is present, or its job runs one process."""
+    from jax._src import clusters  # jax's own detection; no public API exposes it
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if env.__name__ not in NAMES or env.opt_in_only_method:
+            continue
+        # Every pod sees KUBERNETES_SERVICE_HOST; only an Indexed Job's pods have an index to join with.
+        if env.__name__ == "K8sCluster" and "JOB_COMPLETION_INDEX" not in os.environ:
+            continue
+        if env.is_env_present():
+            return NAMES[env.__name__] if env.get_process_count() > 1 else None
+    return None
+
+
+def join(
+    coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int], heartbeat_timeout: int
+) -> Optional[str]:
+    """Joins the multi-process run this process belongs to, if any, before anything starts jax's
+    backend: the explicit flags win, else the cluster `detect` finds. Returns how it joined
+    ("flags", "SLURM", ...), or None for a one-process run."""
+    import jax
+
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise Error("--coordinator_address needs --num_processes and --process_id too")
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout
+        )
+        return "multi-host flags"
+    cluster = detect()
+    if cluster:
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
+    return cluster
+
+
+def log_joined(how: Optional[str]) -> None:
+    """The start-up line of a multi-process run: how it joined, this process, the coordinator."""
+    if how is None:
+        return
+    import jax
+    from jax._src import distributed
+
+    logging.info(
+        "cluster: %s, process %d of %d, coordinator %s",
+        how,
+        jax.process_index(),
+        jax.process_count(),
+        distributed.global_state.coordinator_address,
+    )

@@ -1,0 +1,93 @@
+"""Joining a multi-process run without multi-host flags: the cluster jax detects, the flags winning
+over it, a one-process job staying one process."""
+
+import os
+import warnings
+
+import jax
+import pytest
+
+from conftest import finish, free_port, start_processes
+from resnet_jax import cluster
+from resnet_jax.errors import Error
+
+PREFIXES = ("SLURM_", "OMPI_", "PMIX_", "TPU_", "KUBERNETES_", "JOB_COMPLETION_INDEX", "JAX_COORDINATOR")
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """No cluster's variables in the environment, whatever machine the tests run on."""
+    for name in list(os.environ):
+        if name.startswith(PREFIXES):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def slurm(ntasks):
+    """Task 0's environment in a SLURM job step of `ntasks` tasks."""
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "node[001-004]",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+    }
+
+
+def ompi_launch(n=2):
+    """The environment Open MPI 4's mpirun gives each of `n` ranks on this machine. jax derives the
+    coordinator's port from the job id in OMPI_MCA_orte_hnp_uri (61440 + id // 4096 % 4096)."""
+    job_id = (free_port(61440, 65536) - 61440) * 4096
+    uri = {"OMPI_MCA_orte_hnp_uri": f"{job_id}.0;tcp://127.0.0.1:{free_port()}", "OMPI_COMM_WORLD_SIZE": str(n)}
+    return [([], dict(uri, OMPI_COMM_WORLD_RANK=str(i), OMPI_COMM_WORLD_LOCAL_RANK=str(i))) for i in range(n)]
+
+
+def test_the_cluster_jax_detects_and_one_process_jobs(no_cluster):
+    assert cluster.detect() is None
+    for name, value in slurm(ntasks=1).items():
+        no_cluster.setenv(name, value)
+    assert cluster.detect() is None  # srun -n 1, or a batch script's own shell: one process
+    no_cluster.setenv("SLURM_NTASKS", "8")
+    assert cluster.detect() == "SLURM"
+    for name in slurm(ntasks=1):
+        no_cluster.delenv(name)
+    for name, value in ompi_launch()[1][1].items():
+        no_cluster.setenv(name, value)
+    assert cluster.detect() == "Open MPI"
+    no_cluster.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    assert cluster.detect() is None
+
+
+def test_a_pod_outside_an_indexed_job_runs_alone_and_quietly(no_cluster):
+    no_cluster.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # every pod has it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # jax warns when the kubernetes package is missing
+        assert cluster.detect() is None
+
+
+def test_the_flags_win_over_the_cluster(no_cluster):
+    calls = []
+    no_cluster.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert cluster.join(None, None, None, 60) is None and calls == []
+    for name, value in slurm(ntasks=1).items():
+        no_cluster.setenv(name, value)
+    assert cluster.join(None, None, None, 60) is None and calls == []
+    no_cluster.setenv("SLURM_NTASKS", "2")
+    assert cluster.join(None, None, None, 30) == "SLURM"
+    assert calls == [((), {"heartbeat_timeout_seconds": 30})]  # jax finds the coordinator, count and index
+    assert cluster.join("10.0.0.1:1234", 4, 3, 30) == "multi-host flags"
+    assert calls[-1] == (("10.0.0.1:1234", 4, 3), {"heartbeat_timeout_seconds": 30})
+    with pytest.raises(Error, match="--coordinator_address needs --num_processes and --process_id too"):
+        cluster.join("10.0.0.1:1234", None, 3, 30)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_mpirun_ranks_join_one_run_without_flags(tmp_path):
+    args = ("--config", "configs/smoke.py", "--workdir", str(tmp_path), "--mode", "summary")
+    results = finish(start_processes(args, ompi_launch()), timeout=120)
+    for i, (code, out, err) in enumerate(results):
+        assert code == 0, err[-3000:]
+        assert "4 x cpu (2 local) in 2 process(es)" in err
+        assert f"cluster: Open MPI, process {i} of 2, coordinator 127.0.0.1:" in err
+        assert "Total Parameters" in out
