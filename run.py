@@ -86,14 +86,17 @@ def main(argv):
         return run(argv)
     try:
         run(argv)
-    except RunFailure as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # orbax's threads that wait on a failed save never finish: leave without joining them.
-        os._exit(e.exit_code)
-    except Error as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+    except Exception as e:
+        failure = e if isinstance(e, Error) else cluster.lost_process(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        if isinstance(failure, RunFailure):
+            sys.stdout.flush()
+            # orbax's threads that wait on a failed save, and jax's shutdown barrier with a lost
+            # process, never finish: leave without joining them.
+            os._exit(failure.exit_code)
+        sys.exit(failure.exit_code)
 
 
 def run(argv) -> None:

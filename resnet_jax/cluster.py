@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Optional
 
-from resnet_jax.errors import Error
+from resnet_jax.errors import Error, RunFailure, first_line
 
 # jax's ClusterEnv classes by their class name, as the start-up line names them.
 NAMES = {
@@ -73,4 +73,22 @@ def log_joined(how: Optional[str]) -> None:
         jax.process_index(),
         jax.process_count(),
         distributed.global_state.coordinator_address,
+    )
+
+
+def lost_process(e: BaseException) -> Optional[RunFailure]:
+    """A failed computation of a multi-process run as one line: most often a collective whose peer
+    is gone. (A peer lost while the others wait in a collective that cannot fail, NCCL's, ends
+    them instead after --heartbeat_timeout seconds, through jax's coordination service.)"""
+    import jax
+
+    if not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+        return None
+    parts = first_line(e).split(": ")  # jax repeats "Error dispatching computation: " once per level
+    reason = ": ".join(part for i, part in enumerate(parts) if not i or part != parts[i - 1])
+    n = jax.process_count()
+    return RunFailure(
+        f"a computation across the {n} processes failed ({reason}); if a process of this run was lost "
+        f"(killed, preempted or crashed: its own log says why), start all {n} again with the same command: "
+        f"they resume from the last checkpoint"
     )

@@ -92,13 +92,13 @@ def start_processes(args, launch):
 
 
 def finish(processes, timeout=300):
-    """Each process's (returncode, stdout, stderr), killing any still running after `timeout` s."""
+    """Each process's CompletedProcess, killing any still running after `timeout` s."""
     try:
         outputs = [p.communicate(timeout=timeout) for p in processes]
     finally:
         for p in processes:
             p.kill()
-    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
 
 
 def free_port(low=20000, high=40000):

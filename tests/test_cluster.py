@@ -1,5 +1,5 @@
 """Joining a multi-process run without multi-host flags: the cluster jax detects, the flags winning
-over it, a one-process job staying one process."""
+over it, a one-process job staying one process, and a lost process's computation as one line."""
 
 import os
 import warnings
@@ -81,13 +81,31 @@ def test_the_flags_win_over_the_cluster(no_cluster):
         cluster.join("10.0.0.1:1234", None, 3, 30)
 
 
+def test_a_failed_computation_of_several_processes_is_one_line(monkeypatch):
+    error = jax.errors.JaxRuntimeError(
+        "INTERNAL: Error dispatching computation: Error dispatching computation: Gloo all-reduce failed: "
+        "Read error [127.0.0.1]:4489: Connection reset by peer\nmore"
+    )
+    assert cluster.lost_process(error) is None  # one process: a bug, with its traceback
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert cluster.lost_process(ValueError("x")) is None
+    failure = cluster.lost_process(error)
+    assert failure.exit_code == 1
+    assert str(failure) == (
+        "a computation across the 2 processes failed (INTERNAL: Error dispatching computation: Gloo all-reduce "
+        "failed: Read error [127.0.0.1]:4489: Connection reset by peer); if a process of this run was lost "
+        "(killed, preempted or crashed: its own log says why), start all 2 again with the same command: they "
+        "resume from the last checkpoint"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_mpirun_ranks_join_one_run_without_flags(tmp_path):
     args = ("--config", "configs/smoke.py", "--workdir", str(tmp_path), "--mode", "summary")
     results = finish(start_processes(args, ompi_launch()), timeout=120)
-    for i, (code, out, err) in enumerate(results):
-        assert code == 0, err[-3000:]
-        assert "4 x cpu (2 local) in 2 process(es)" in err
-        assert f"cluster: Open MPI, process {i} of 2, coordinator 127.0.0.1:" in err
-        assert "Total Parameters" in out
+    for i, result in enumerate(results):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "4 x cpu (2 local) in 2 process(es)" in result.stderr
+        assert f"cluster: Open MPI, process {i} of 2, coordinator 127.0.0.1:" in result.stderr
+        assert "Total Parameters" in result.stdout

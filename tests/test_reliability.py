@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, finish, flags_launch, run_cli, start_processes
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import Error
 from resnet_jax.workdir import read_metrics
@@ -126,6 +126,38 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ten_steps, tin
     assert "resumed from the checkpoint at step 10" in result.stderr
     assert steps_on_disk(workdir) == [10, 20, 30]  # 20 saved again, from the resumed run
     assert os.path.exists(workdir / "unusable_checkpoints" / "20" / "default" / "manifest.ocdbt")  # kept aside
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_dir, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    for result in finish(start_processes(args(tiny_data_dir, reference, 20), flags_launch())):
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    workdir, launch = tmp_path / "run", flags_launch()
+    processes = start_processes(args(tiny_data_dir, workdir, 20), launch)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (workdir / "checkpoints" / "10").exists():
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGKILL)  # a host lost
+    killed = time.time()
+    survivor, _ = finish(processes, timeout=120)
+    # Within seconds, not after the coordinator's --heartbeat_timeout: its next collective fails.
+    assert time.time() - killed < 30
+    line = one_line_error(survivor, 1)
+    assert "a computation across the 2 processes failed" in line and "start all 2 again with the same command" in line
+    assert steps_on_disk(workdir) == [10]
+
+    for result in finish(start_processes(args(tiny_data_dir, workdir, 20), launch)):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from the checkpoint at step 10" in result.stderr
+    assert steps_on_disk(workdir) == [10, 20]
+    resumed, uninterrupted = (
+        [(r["step"], r["split"], r["loss"], r["accuracy"]) for r in read_metrics(str(w / "metrics.jsonl"))]
+        for w in (workdir, reference)
+    )
+    assert resumed == uninterrupted  # bitwise: every step, loss and accuracy
 
 
 @pytest.mark.slow

@@ -449,8 +449,8 @@ def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tm
 
     two = tmp_path / "two"
     results = finish(start_processes([*smoke_args(tiny_data_dir, two), *args, f"--config.parallel={layout}"], launch()))
-    for code, _, err in results:
-        assert code == 0, err[-3000:]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
     a = read_metrics(str(one / "metrics.jsonl"))
     b = read_metrics(str(two / "metrics.jsonl"))
     assert (
@@ -463,7 +463,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tm
         rel = 1e-4 if layout == "pmap" or rb["split"] == "train" else 5e-4
         assert rb["loss"] == pytest.approx(ra["loss"], rel=rel)
         assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=1e-6)
-    assert "training resnet8 on cifar10: 6 steps (10 per epoch), 4 devices on 2 processes" in results[0][2]
+    assert "training resnet8 on cifar10: 6 steps (10 per epoch), 4 devices on 2 processes" in results[0].stderr
     how = "SLURM" if launch is slurm_launch else "multi-host flags"
-    for i, (_, _, err) in enumerate(results):
-        assert f"cluster: {how}, process {i} of 2, coordinator " in err
+    for i, result in enumerate(results):
+        assert f"cluster: {how}, process {i} of 2, coordinator " in result.stderr
