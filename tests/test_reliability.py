@@ -161,6 +161,29 @@ def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_d
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_skip_the_same_corrupt_checkpoint_and_resume_together(ten_steps, tiny_data_dir, tmp_path):
+    workdir = copy_of(ten_steps, tmp_path)
+    manifest = workdir / "checkpoints" / "20" / "default" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:10])  # truncated, on the workdir both processes share
+    results = finish(start_processes(args(tiny_data_dir, workdir, 30), flags_launch()))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "checkpoint at step 20 is unusable" in result.stderr
+        assert "resumed from the checkpoint at step 10" in result.stderr
+    assert steps_on_disk(workdir) == [10, 20, 30]  # 20 saved again, from the resumed run
+    assert os.path.exists(workdir / "unusable_checkpoints" / "20" / "default" / "manifest.ocdbt")
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl")) if r["split"] == "train"] == [
+        5,
+        10,
+        15,
+        20,
+        25,
+        30,
+    ]
+
+
+@pytest.mark.slow
 def test_no_usable_checkpoint_refuses_to_start_over(ten_steps, tiny_data_dir, tmp_path):
     workdir = copy_of(ten_steps, tmp_path)
     for step in (10, 20):
