@@ -128,6 +128,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ten_steps, tin
     assert os.path.exists(workdir / "unusable_checkpoints" / "20" / "default" / "manifest.ocdbt")  # kept aside
 
 
+def wait_for_checkpoint(workdir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (workdir / "checkpoints" / str(step)).exists():
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_dir, tmp_path):
@@ -137,9 +143,7 @@ def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_d
 
     workdir, launch = tmp_path / "run", flags_launch()
     processes = start_processes(args(tiny_data_dir, workdir, 20), launch)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (workdir / "checkpoints" / "10").exists():
-        time.sleep(0.05)
+    wait_for_checkpoint(workdir, 10)
     processes[1].send_signal(signal.SIGKILL)  # a host lost
     killed = time.time()
     survivor, _ = finish(processes, timeout=120)
@@ -158,6 +162,26 @@ def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_d
         for w in (workdir, reference)
     )
     assert resumed == uninterrupted  # bitwise: every step, loss and accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_frozen_process_ends_the_others_after_the_heartbeat_timeout(tiny_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    processes = start_processes(args(tiny_data_dir, workdir, 20, "--heartbeat_timeout=5"), flags_launch())
+    wait_for_checkpoint(workdir, 10)
+    processes[1].send_signal(signal.SIGSTOP)  # a hung host: its sockets stay open, so no collective fails
+    stopped = time.time()
+    try:
+        survivor = finish(processes[:1], timeout=120)[0]
+    finally:
+        processes[1].kill()
+        processes[1].wait()
+    # jax's coordinator misses process 1's heartbeats for 5 s and ends the others (SIGABRT, exit 134).
+    assert 5 <= time.time() - stopped < 30
+    assert survivor.returncode == -signal.SIGABRT, survivor.stderr[-3000:]
+    assert "stopped sending heartbeats" in survivor.stderr
+    assert steps_on_disk(workdir) == [10]
 
 
 @pytest.mark.slow
