@@ -13,7 +13,7 @@ from typing import Optional
 
 from resnet_jax.errors import Error, RunFailure, first_line
 
-# jax's ClusterEnv classes by their class name, as the start-up line names them.
+# jax's ClusterEnv classes by their class name, as the start-up line names them (others by that name).
 NAMES = {
     "SlurmCluster": "SLURM",
     "OmpiCluster": "Open MPI",
@@ -28,14 +28,14 @@ def detect() -> Optional[str]:
     or None: none is present, or its job runs one process."""
     from jax._src import clusters  # jax's own detection; no public API exposes it
 
-    for env in clusters.ClusterEnv._cluster_types:
-        if env.__name__ not in NAMES or env.opt_in_only_method:
+    for env in clusters.ClusterEnv._cluster_types:  # in jax's order, as jax.distributed.initialize() tries them
+        if env.opt_in_only_method:  # mpi4py: only when asked for by name
             continue
         # Every pod sees KUBERNETES_SERVICE_HOST; only an Indexed Job's pods have an index to join with.
         if env.__name__ == "K8sCluster" and "JOB_COMPLETION_INDEX" not in os.environ:
             continue
         if env.is_env_present():
-            return NAMES[env.__name__] if env.get_process_count() > 1 else None
+            return NAMES.get(env.__name__, env.__name__) if env.get_process_count() > 1 else None
     return None
 
 
