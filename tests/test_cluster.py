@@ -2,12 +2,15 @@
 over it, a one-process job staying one process, and a lost process's computation as one line."""
 
 import os
+import re
+import shlex
 import warnings
 
 import jax
 import pytest
+import yaml
 
-from conftest import finish, free_port, start_processes
+from conftest import ROOT, finish, free_port, start_processes
 from resnet_jax import cluster
 from resnet_jax.errors import Error
 
@@ -97,6 +100,26 @@ def test_a_failed_computation_of_several_processes_is_one_line(monkeypatch):
         "(killed, preempted or crashed: its own log says why), start all 2 again with the same command: they "
         "resume from the last checkpoint"
     )
+
+
+def test_the_examples_start_one_process_per_gpu_with_no_multi_host_flags():
+    with open(os.path.join(ROOT, "examples", "slurm.sbatch")) as f:
+        sbatch = f.read()
+    options = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", sbatch, re.MULTILINE))
+    assert options["ntasks-per-node"] == options["gpus-per-node"]  # one task per GPU, each seeing them all
+    assert not {"gpus-per-task", "gpu-bind", "ntasks"} & set(options)
+    srun = re.search(r"^srun (.*?[^\\])$", sbatch, re.MULTILINE | re.DOTALL).group(1).replace("\\\n", " ")
+    with open(os.path.join(ROOT, "examples", "k8s-indexed-job.yaml")) as f:
+        manifests = {doc["kind"]: doc for doc in yaml.safe_load_all(f)}
+    job, service = manifests["Job"], manifests["Service"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == job["spec"]["completions"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    assert pod["serviceAccountName"] == manifests["RoleBinding"]["subjects"][0]["name"]
+    for command in (shlex.split(srun), pod["containers"][0]["command"]):
+        assert command[:2] == ["python", "run.py"] and os.path.exists(os.path.join(ROOT, command[3]))
+        assert not any(arg.startswith(("--coordinator_address", "--num_processes", "--process_id")) for arg in command)
 
 
 @pytest.mark.slow
