@@ -5,6 +5,8 @@ from their environment (its `ClusterEnv` classes, tried in its own order) and th
 coordinator, the process count and this process's index itself. `join` asks the same classes
 whether one of them applies, and keeps a one-process job a one-process run: joining there
 would start a coordinator for nothing and, on SLURM and Open MPI, show the process a single GPU.
+`lost_process` turns a computation that failed across the processes, most often because one of
+them is gone, into one line.
 """
 
 import logging
@@ -44,7 +46,7 @@ def join(
 ) -> Optional[str]:
     """Joins the multi-process run this process belongs to, if any, before anything starts jax's
     backend: the explicit flags win, else the cluster `detect` finds. Returns how it joined
-    ("flags", "SLURM", ...), or None for a one-process run."""
+    ("multi-host flags", "SLURM", ...), or None for a one-process run."""
     import jax
 
     if coordinator_address:
