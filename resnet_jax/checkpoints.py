@@ -16,7 +16,7 @@ import flax.serialization
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_jax import parallel
+from resnet_jax import cluster, parallel
 from resnet_jax.errors import Error, RunFailure, first_line
 
 
@@ -59,8 +59,9 @@ def save(manager: ocp.CheckpointManager, state, metrics: Optional[dict] = None) 
             metrics=metrics,
             force=True,
         )
-    except Exception as e:
-        raise RunFailure(f"a checkpoint save failed before step {step} ({_short(e)}); training stopped") from None
+    except Exception as e:  # a multi-process save's collectives fail too when a process is lost
+        failure = RunFailure(f"a checkpoint save failed before step {step} ({_short(e)}); training stopped")
+        raise cluster.lost_process(e) or failure from None
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -68,7 +69,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:
-        raise RunFailure(f"writing a checkpoint failed ({_short(e)}); training stopped") from None
+        failure = RunFailure(f"writing a checkpoint failed ({_short(e)}); training stopped")
+        raise cluster.lost_process(e) or failure from None
 
 
 def close(manager: ocp.CheckpointManager) -> None:
