@@ -4,7 +4,8 @@
                   [--config.key=value ...]
     python run.py --config configs/resnet18.py --seeds 3 [--mode eval]   # mean ± std over seeds
     python run.py --config configs/resnet18.py --mode predict [--json] IMAGE [IMAGE ...]
-                  [--coordinator_address HOST:PORT --num_processes N --process_id I]
+                  [--coordinator_address HOST:PORT --num_processes N --process_id I]  # multi-host; not
+                  needed under srun, mpirun, a Kubernetes Indexed Job or on a Cloud TPU pod
 
 Bad input ends in one line on stderr and exit code 2; a failure during the run in
 exit code 1; success and a clean stop on SIGTERM/SIGINT in exit code 0. RESNET_JAX_DEBUG=1
@@ -20,7 +21,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_jax import xla_flags
+from resnet_jax import cluster, xla_flags
 from resnet_jax.errors import Error, RunFailure
 
 xla_flags.set_cpu_defaults()  # Before anything imports jax.
@@ -61,6 +62,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.DEFINE_integer(
+    "heartbeat_timeout",
+    60,
+    "Multi-host: seconds without a heartbeat after which jax's coordinator counts a process as lost "
+    "and ends the others (jax's default is 100).",
+)
 
 
 def parse_flags(argv):
@@ -85,18 +92,6 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def initialize_distributed() -> None:
-    """Joins a multi-process run: explicit flags, or Cloud TPU pod auto-detection."""
-    import jax
-
-    if FLAGS.coordinator_address:
-        if FLAGS.num_processes is None or FLAGS.process_id is None:
-            raise Error("--coordinator_address needs --num_processes and --process_id too")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
-
-
 def _quiet_libraries(record: logging.LogRecord) -> bool:
     """Keeps our log lines and the libraries' errors; drops orbax/tfds/jax chatter."""
     ours = record.pathname.startswith(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resnet_jax"))
@@ -108,14 +103,17 @@ def main(argv):
         return run(argv)
     try:
         run(argv)
-    except RunFailure as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # orbax's threads that wait on a failed save never finish: leave without joining them.
-        os._exit(e.exit_code)
-    except Error as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+    except Exception as e:
+        failure = e if isinstance(e, Error) else cluster.lost_process(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        if isinstance(failure, RunFailure):
+            sys.stdout.flush()
+            # orbax's threads that wait on a failed save, and jax's shutdown barrier with a lost
+            # process, never finish: leave without joining them.
+            os._exit(failure.exit_code)
+        sys.exit(failure.exit_code)
 
 
 def run(argv) -> None:
@@ -128,7 +126,7 @@ def run(argv) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
 
-    initialize_distributed()
+    joined = cluster.join(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     import jax
 
     from resnet_jax import accelerators, config_checks, evaluate
@@ -136,6 +134,7 @@ def run(argv) -> None:
     config = FLAGS.config
     config_checks.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
     accelerators.log_platform()
+    cluster.log_joined(joined)
     config_path = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
 

@@ -16,6 +16,7 @@ import flax.serialization
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from resnet_jax import cluster, parallel
 from resnet_jax.errors import Error, RunFailure, first_line
 
 
@@ -58,8 +59,9 @@ def save(manager: ocp.CheckpointManager, state, metrics: Optional[dict] = None) 
             metrics=metrics,
             force=True,
         )
-    except Exception as e:
-        raise RunFailure(f"a checkpoint save failed before step {step} ({_short(e)}); training stopped") from None
+    except Exception as e:  # a multi-process save's collectives fail too when a process is lost
+        failure = RunFailure(f"a checkpoint save failed before step {step} ({_short(e)}); training stopped")
+        raise cluster.lost_process(e) or failure from None
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -67,7 +69,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:
-        raise RunFailure(f"writing a checkpoint failed ({_short(e)}); training stopped") from None
+        failure = RunFailure(f"writing a checkpoint failed ({_short(e)}); training stopped")
+        raise cluster.lost_process(e) or failure from None
 
 
 def close(manager: ocp.CheckpointManager) -> None:
@@ -111,22 +114,29 @@ def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optiona
     """Restores the newest usable checkpoint into `template` (or returns `template` if there
     are none), skipping with a warning any that cannot be read. With `quarantine`, skipped
     checkpoints are moved there, so that training can save those steps again. Raises if
-    checkpoints exist but none is usable: training must not start over on top of them."""
+    checkpoints exist but none is usable: training must not start over on top of them.
+    Every process of a multi-process run must call it: a checkpoint one of them cannot read is
+    skipped by all, so that they resume from the same step."""
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
         try:
-            state = _restore_step(manager, step, template)
+            state, failure = _restore_step(manager, step, template), None
         except Exception as e:  # A truncated, deleted or corrupt file: try the one before.
-            logging.warning("checkpoint at step %d is unusable (%s); trying an earlier one", step, _short(e))
+            failure = e
+        if parallel.any_process(failure is not None):
+            reason = _short(failure) if failure else "unreadable on another process"
+            logging.warning("checkpoint at step %d is unusable (%s); trying an earlier one", step, reason)
             continue
-        if quarantine and i:
-            os.makedirs(quarantine, exist_ok=True)
-            for bad in steps[:i]:
-                os.replace(os.path.join(manager.directory, str(bad)), os.path.join(quarantine, str(bad)))
-            manager.reload()
-            logging.warning(
-                "skipped unusable checkpoints %s (moved to %s); resuming from step %d", steps[:i], quarantine, step
-            )
+        if i:
+            if quarantine:
+                os.makedirs(quarantine, exist_ok=True)
+                for bad in steps[:i]:
+                    os.replace(os.path.join(manager.directory, str(bad)), os.path.join(quarantine, str(bad)))
+                logging.warning(
+                    "skipped unusable checkpoints %s (moved to %s); resuming from step %d", steps[:i], quarantine, step
+                )
+            parallel.sync("checkpoints.restore_latest")  # every process sees the quarantine done, then forgets
+            manager.reload()  # the skipped steps, which training saves again
         return state
     if steps:
         raise Error(

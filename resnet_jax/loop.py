@@ -58,7 +58,7 @@ def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "C
         run.wait()
         return True
     finally:
-        run.close()
+        run.close(failed=sys.exc_info()[1] is not None)
 
 
 def itstime(step: int, every: int, last: int) -> bool:
@@ -238,8 +238,12 @@ class Run:
     def wait(self) -> None:
         checkpoints.wait(self.manager)
 
-    def close(self) -> None:
-        checkpoints.close(self.manager)
+    def close(self, failed: bool = False) -> None:
+        """Releases orbax's threads, the progress bar and the metrics log. After a failure of a
+        multi-process run, a pending save may be waiting on a lost process until jax's heartbeat
+        timeout: it is left behind (run.py exits without joining it)."""
+        if not (failed and jax.process_count() > 1):
+            checkpoints.close(self.manager)
         if self.progress:
             self.progress.close()
         if self.log:

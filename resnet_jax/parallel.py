@@ -24,6 +24,7 @@ what the layout spans) so that tests can compare 1 device with 8.
     .map_step(fn)               fn(state, batch) on every device's part of the batch
     .unreplicate(tree)          one copy back on the host, as numpy
     any_process(flag)           whether `flag` is set on any process
+    sync(name)                  waits for every process to reach this point
 """
 
 import collections
@@ -50,6 +51,12 @@ def process_slice(batch_size: int, process_index: int = None, process_count: int
 def shard(batch: dict, num_devices: int) -> dict:
     """Adds the leading local-device axis that `jax.pmap` maps over to every array of `batch`."""
     return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def sync(name: str) -> None:
+    """Waits until every process has reached the point named `name`."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def any_process(flag: bool) -> bool:

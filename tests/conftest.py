@@ -4,6 +4,7 @@ and shared fixtures. XLA_FLAGS must be set before jax is imported anywhere."""
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,3 +68,64 @@ def run_cli(*args, timeout=300, env=None, cwd=ROOT):
         env=full_env,
         cwd=cwd,
     )
+
+
+# One machine as two hosts: each process forces 2 CPU devices, and they talk through gloo.
+TWO_HOSTS = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+
+
+def start_processes(args, launch):
+    """Starts the processes of one multi-process run: `python run.py ARGS` once per (flags,
+    environment) of `launch` (`flags_launch()`, `slurm_launch()`), each also with TWO_HOSTS.
+    Returns their Popen objects."""
+    return [
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "run.py"), *args, *flags],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **TWO_HOSTS, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flags, env in launch
+    ]
+
+
+def finish(processes, timeout=300):
+    """Each process's CompletedProcess, killing any still running after `timeout` s."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+
+
+def free_port(low=20000, high=40000):
+    """A TCP port in [low, high) that nothing listens on now."""
+    start = os.getpid() % (high - low)
+    for offset in range(high - low):
+        port = low + (start + offset) % (high - low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def flags_launch(n=2):
+    """The multi-host flags of each of `n` processes on this machine, a free port for the coordinator."""
+    port = free_port()
+    return [
+        ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"], {}) for i in range(n)
+    ]
+
+
+def slurm_launch(n=2):
+    """The environment srun gives each of `n` tasks of one job on this machine. jax derives the
+    coordinator's port from the job id (61440 + id % 4096): the id is picked for a free one."""
+    job_id = free_port(61440, 65536) - 61440
+    common = {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(n)}
+    return [([], dict(common, SLURM_PROCID=str(i), SLURM_LOCALID=str(i))) for i in range(n)]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, finish, flags_launch, run_cli, start_processes
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import Error
 from resnet_jax.workdir import read_metrics
@@ -126,6 +126,92 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ten_steps, tin
     assert "resumed from the checkpoint at step 10" in result.stderr
     assert steps_on_disk(workdir) == [10, 20, 30]  # 20 saved again, from the resumed run
     assert os.path.exists(workdir / "unusable_checkpoints" / "20" / "default" / "manifest.ocdbt")  # kept aside
+
+
+def wait_for_checkpoint(workdir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (workdir / "checkpoints" / str(step)).exists():
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_dir, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    for result in finish(start_processes(args(tiny_data_dir, reference, 20), flags_launch())):
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    workdir, launch = tmp_path / "run", flags_launch()
+    command = args(tiny_data_dir, workdir, 20, "--heartbeat_timeout=10")
+    processes = start_processes(command, launch)
+    wait_for_checkpoint(workdir, 10)
+    processes[1].send_signal(signal.SIGKILL)  # a host lost
+    killed = time.time()
+    survivor, _ = finish(processes, timeout=120)
+    elapsed = time.time() - killed
+    if survivor.returncode == 1:  # its next collective failed: gloo saw the connection close
+        line = one_line_error(survivor, 1)
+        assert "a computation across the 2 processes failed" in line and "start all 2 again with the same" in line
+    else:  # its collective waits for the dead peer (as NCCL's do): jax ends it after the heartbeat timeout
+        assert survivor.returncode == -signal.SIGABRT, survivor.stderr[-3000:]
+        assert "stopped sending heartbeats" in survivor.stderr
+    assert elapsed < 40  # bounded by --heartbeat_timeout, not jax's 100 s
+    assert steps_on_disk(workdir) == [10]
+
+    for result in finish(start_processes(command, launch)):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from the checkpoint at step 10" in result.stderr
+    assert steps_on_disk(workdir) == [10, 20]
+    resumed, uninterrupted = (
+        [(r["step"], r["split"], r["loss"], r["accuracy"]) for r in read_metrics(str(w / "metrics.jsonl"))]
+        for w in (workdir, reference)
+    )
+    assert resumed == uninterrupted  # bitwise: every step, loss and accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_frozen_process_ends_the_others_after_the_heartbeat_timeout(tiny_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    processes = start_processes(args(tiny_data_dir, workdir, 20, "--heartbeat_timeout=5"), flags_launch())
+    wait_for_checkpoint(workdir, 10)
+    processes[1].send_signal(signal.SIGSTOP)  # a hung host: its sockets stay open, so no collective fails
+    stopped = time.time()
+    try:
+        survivor = finish(processes[:1], timeout=120)[0]
+    finally:
+        processes[1].kill()
+        processes[1].wait()
+    # jax's coordinator misses process 1's heartbeats for 5 s (counted from the last one it sent,
+    # so sooner after the stop) and ends the others (SIGABRT, exit 134): not after the default 60 s.
+    elapsed = time.time() - stopped
+    assert survivor.returncode == -signal.SIGABRT, survivor.stderr[-3000:]
+    assert "stopped sending heartbeats" in survivor.stderr
+    assert elapsed < 30
+    assert steps_on_disk(workdir) == [10]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_skip_the_same_corrupt_checkpoint_and_resume_together(ten_steps, tiny_data_dir, tmp_path):
+    workdir = copy_of(ten_steps, tmp_path)
+    manifest = workdir / "checkpoints" / "20" / "default" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:10])  # truncated, on the workdir both processes share
+    results = finish(start_processes(args(tiny_data_dir, workdir, 30), flags_launch()))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "checkpoint at step 20 is unusable" in result.stderr
+        assert "resumed from the checkpoint at step 10" in result.stderr
+    assert steps_on_disk(workdir) == [10, 20, 30]  # 20 saved again, from the resumed run
+    assert os.path.exists(workdir / "unusable_checkpoints" / "20" / "default" / "manifest.ocdbt")
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl")) if r["split"] == "train"] == [
+        5,
+        10,
+        15,
+        20,
+        25,
+        30,
+    ]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from configs import smoke
-from conftest import ROOT, run_cli
+from conftest import ROOT, finish, flags_launch, run_cli, slurm_launch, start_processes
 from resnet_jax import checkpoints, train
 from resnet_jax.data import registry
 from resnet_jax.data.dataset import Dataset
@@ -477,9 +477,14 @@ def test_the_sharded_layout_resumes_a_pmap_checkpoint_then_evaluates_and_exports
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", ["pmap", "sharded"])
-def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path, layout):
-    """Two processes of two devices each, under `layout`, against one process of four under pmap."""
+@pytest.mark.parametrize(
+    "layout, launch",
+    [("pmap", flags_launch), ("sharded", flags_launch), ("pmap", slurm_launch)],
+    ids=["pmap", "sharded", "srun"],
+)
+def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tmp_path, layout, launch):
+    """Two processes of two devices each, under `layout`, joined by the multi-host flags or by
+    SLURM's environment alone (as srun starts them), against one process of four under pmap."""
     args = ("--config.num_train_steps=6", "--config.log_every_steps=3", "--config.eval_every_epochs=100")
     # Mixup and CutMix on: every row's partner (its mirrored position, pipeline.partner) is on the other process.
     args += ("--config.mixup_alpha=0.4", "--config.cutmix_alpha=1.0")
@@ -490,40 +495,9 @@ def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tm
     assert single.returncode == 0, single.stderr[-3000:]
 
     two = tmp_path / "two"
-    port = 20000 + os.getpid() % 20000
-    env = dict(
-        os.environ,
-        PYTHONUNBUFFERED="1",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-    )
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(ROOT, "run.py"),
-                *smoke_args(tiny_data_dir, two),
-                *args,
-                f"--config.parallel={layout}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for p, (_, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
+    results = finish(start_processes([*smoke_args(tiny_data_dir, two), *args, f"--config.parallel={layout}"], launch()))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
     a = read_metrics(str(one / "metrics.jsonl"))
     b = read_metrics(str(two / "metrics.jsonl"))
     assert (
@@ -536,4 +510,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tm
         rel = 1e-4 if layout == "pmap" or rb["split"] == "train" else 5e-4
         assert rb["loss"] == pytest.approx(ra["loss"], rel=rel)
         assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=1e-6)
-    assert "training resnet8 on cifar10: 6 steps (10 per epoch), 4 devices on 2 processes" in outputs[0][1]
+    assert "training resnet8 on cifar10: 6 steps (10 per epoch), 4 devices on 2 processes" in results[0].stderr
+    how = "SLURM" if launch is slurm_launch else "multi-host flags"
+    for i, result in enumerate(results):
+        assert f"cluster: {how}, process {i} of 2, coordinator " in result.stderr

@@ -1,0 +1,96 @@
+"""Joining a multi-process run: through the multi-host flags, or through the cluster the job runs on.
+
+jax recognises SLURM (srun), Open MPI (mpirun), Kubernetes Indexed Jobs and Cloud TPU pods
+from their environment (its `ClusterEnv` classes, tried in its own order) and then finds the
+coordinator, the process count and this process's index itself. `join` asks the same classes
+whether one of them applies, and keeps a one-process job a one-process run: joining there
+would start a coordinator for nothing and, on SLURM and Open MPI, show the process a single GPU.
+`lost_process` turns a computation that failed across the processes, most often because one of
+them is gone, into one line.
+"""
+
+import logging
+import os
+from typing import Optional
+
+from resnet_jax.errors import Error, RunFailure, first_line
+
+# jax's ClusterEnv classes by their class name, as the start-up line names them (others by that name).
+NAMES = {
+    "SlurmCluster": "SLURM",
+    "OmpiCluster": "Open MPI",
+    "K8sCluster": "Kubernetes",
+    "GkeTpuCluster": "Cloud TPU (GKE)",
+    "GceTpuCluster": "Cloud TPU",
+}
+
+
+def detect() -> Optional[str]:
+    """The name of the cluster environment that jax.distributed.initialize() would join through,
+    or None: none is present, or its job runs one process."""
+    from jax._src import clusters  # jax's own detection; no public API exposes it
+
+    for env in clusters.ClusterEnv._cluster_types:  # in jax's order, as jax.distributed.initialize() tries them
+        if env.opt_in_only_method:  # mpi4py: only when asked for by name
+            continue
+        # Every pod sees KUBERNETES_SERVICE_HOST; only an Indexed Job's pods have an index to join with.
+        if env.__name__ == "K8sCluster" and "JOB_COMPLETION_INDEX" not in os.environ:
+            continue
+        if env.is_env_present():
+            return NAMES.get(env.__name__, env.__name__) if env.get_process_count() > 1 else None
+    return None
+
+
+def join(
+    coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int], heartbeat_timeout: int
+) -> Optional[str]:
+    """Joins the multi-process run this process belongs to, if any, before anything starts jax's
+    backend: the explicit flags win, else the cluster `detect` finds. Returns how it joined
+    ("multi-host flags", "SLURM", ...), or None for a one-process run."""
+    import jax
+
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise Error("--coordinator_address needs --num_processes and --process_id too")
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout
+        )
+        return "multi-host flags"
+    cluster = detect()
+    if cluster:
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
+    return cluster
+
+
+def log_joined(how: Optional[str]) -> None:
+    """The start-up line of a multi-process run: how it joined, this process, the coordinator."""
+    if how is None:
+        return
+    import jax
+    from jax._src import distributed
+
+    logging.info(
+        "cluster: %s, process %d of %d, coordinator %s",
+        how,
+        jax.process_index(),
+        jax.process_count(),
+        distributed.global_state.coordinator_address,
+    )
+
+
+def lost_process(e: BaseException) -> Optional[RunFailure]:
+    """A failed computation of a multi-process run as one line: most often a collective whose peer
+    is gone. (A peer lost while the others wait in a collective that cannot fail, NCCL's, ends
+    them instead after --heartbeat_timeout seconds, through jax's coordination service.)"""
+    import jax
+
+    if not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+        return None
+    parts = first_line(e).split(": ")  # jax repeats "Error dispatching computation: " once per level
+    reason = ": ".join(part for i, part in enumerate(parts) if not i or part != parts[i - 1])
+    n = jax.process_count()
+    return RunFailure(
+        f"a computation across the {n} processes failed ({reason}); if a process of this run was lost "
+        f"(killed, preempted or crashed: its own log says why), start all {n} again with the same command: "
+        f"they resume from the last checkpoint"
+    )
