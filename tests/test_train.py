@@ -505,11 +505,15 @@ def test_two_processes_equal_one_process_with_the_same_devices(tiny_data_dir, tm
         == [(r["step"], r["split"]) for r in b]
         == [(3, "train"), (6, "train"), (6, "test")]
     )
+    # Gloo sums across processes in another order than one process does (train loss 1.6e-7 off at step 6
+    # on jax 0.12), and the jit program in another order than pmap's (test loss 1.1e-4 off). Six steps in,
+    # the logits are near a tie (loss 2.33, ln 10 = 2.30): on jax 0.12 one test image of the 100 flipped.
+    # So accuracy may differ by one image per record; a wrong partner or mix weight moves far more.
+    images = {"train": 3 * 64, "test": 100}
     for ra, rb in zip(a, b):
-        # The jit program sums in another order than pmap's: its test loss after 6 steps was 1.1e-4 off.
         rel = 1e-4 if layout == "pmap" or rb["split"] == "train" else 5e-4
         assert rb["loss"] == pytest.approx(ra["loss"], rel=rel)
-        assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=1e-6)
+        assert abs(rb["accuracy"] - ra["accuracy"]) * images[rb["split"]] <= 1 + 1e-6
     assert "training resnet8 on cifar10: 6 steps (10 per epoch), 4 devices on 2 processes" in results[0].stderr
     how = "SLURM" if launch is slurm_launch else "multi-host flags"
     for i, result in enumerate(results):
