@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -99,6 +100,13 @@ def finish(processes, timeout=300):
         for p in processes:
             p.kill()
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+
+
+def wait_until(condition, timeout: float) -> None:
+    """Polls `condition()` every 20 ms until it holds or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.02)
 
 
 def free_port(low=20000, high=40000):

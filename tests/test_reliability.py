@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, finish, flags_launch, run_cli, start_processes
+from conftest import ROOT, finish, flags_launch, run_cli, start_processes, wait_until
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import Error
 from resnet_jax.workdir import read_metrics
@@ -128,12 +128,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ten_steps, tin
     assert os.path.exists(workdir / "unusable_checkpoints" / "20" / "default" / "manifest.ocdbt")  # kept aside
 
 
-def wait_for_checkpoint(workdir, step, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline and not (workdir / "checkpoints" / str(step)).exists():
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_dir, tmp_path):
@@ -144,7 +138,7 @@ def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_d
     workdir, launch = tmp_path / "run", flags_launch()
     command = args(tiny_data_dir, workdir, 20, "--heartbeat_timeout=10")
     processes = start_processes(command, launch)
-    wait_for_checkpoint(workdir, 10)
+    wait_until((workdir / "checkpoints" / "10").exists, 240)
     processes[1].send_signal(signal.SIGKILL)  # a host lost
     killed = time.time()
     survivor, _ = finish(processes, timeout=120)
@@ -174,7 +168,7 @@ def test_a_lost_process_stops_the_other_and_the_same_commands_resume(tiny_data_d
 def test_a_frozen_process_ends_the_others_after_the_heartbeat_timeout(tiny_data_dir, tmp_path):
     workdir = tmp_path / "run"
     processes = start_processes(args(tiny_data_dir, workdir, 20, "--heartbeat_timeout=5"), flags_launch())
-    wait_for_checkpoint(workdir, 10)
+    wait_until((workdir / "checkpoints" / "10").exists, 240)
     processes[1].send_signal(signal.SIGSTOP)  # a hung host: its sockets stay open, so no collective fails
     stopped = time.time()
     try:
@@ -248,9 +242,7 @@ def test_a_second_run_on_the_same_workdir_refuses_to_start(ten_steps, tiny_data_
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 60
-        while not (workdir / "lock").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until((workdir / "lock").exists, 60)
         owner = json.loads((workdir / "lock").read_text())
         assert owner == {"pid": first.pid, "host": socket.gethostname()}
         line = one_line_error(run_cli(*args(tiny_data_dir, workdir, 100000)), 2)
@@ -294,9 +286,7 @@ def test_a_failed_save_during_the_run_stops_training(ten_steps, tiny_data_dir, t
     )
     try:
         metrics = workdir / "metrics.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline and '"step": 25' not in metrics.read_text():
-            time.sleep(0.02)
+        wait_until(lambda: '"step": 25' in metrics.read_text(), 120)
         # The disk "fails": the checkpoint folder is replaced by a file, so the save at step 30 cannot be written.
         shutil.move(workdir / "checkpoints", tmp_path / "saved")
         (workdir / "checkpoints").write_text("")

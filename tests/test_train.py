@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import chex
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from configs import smoke
-from conftest import ROOT, finish, flags_launch, run_cli, slurm_launch, start_processes
+from conftest import ROOT, finish, flags_launch, run_cli, slurm_launch, start_processes, wait_until
 from resnet_jax import checkpoints, train
 from resnet_jax.data import registry
 from resnet_jax.data.dataset import Dataset
@@ -407,9 +406,7 @@ def stop_with_sigterm(data_dir, workdir, *extra) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and '"step": 15' in metrics.read_text()):
-        time.sleep(0.05)
+    wait_until(lambda: metrics.exists() and '"step": 15' in metrics.read_text(), 240)
     process.send_signal(signal.SIGTERM)
     try:
         stdout, stderr = process.communicate(timeout=240)
