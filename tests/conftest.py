@@ -34,14 +34,17 @@ from resnet_jax.data import tfds_writer  # noqa: E402
 CIFAR10_ARCHIVE = os.environ.get("CIFAR10_ARCHIVE", os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.tar.xz"))
 
 
-def make_tfds_cifar10(data_dir, train, test):
-    """A real-format tfds cifar10 (array_record) in `data_dir` with `train` and `test`
-    class-balanced images: real ones from CIFAR10_ARCHIVE if it exists, else synthetic ones."""
-    sizes = {"train": train, "test": test}
+def cifar10_splits(sizes):
+    """CIFAR-10 splits of `sizes` ({split: count}) class-balanced images: real ones from
+    CIFAR10_ARCHIVE if it exists, else synthetic ones."""
     if os.path.exists(CIFAR10_ARCHIVE):
-        splits = tfds_writer.read_archive(CIFAR10_ARCHIVE, sizes)
-    else:
-        splits = tfds_writer.synthetic(10, sizes)
+        return tfds_writer.read_archive(CIFAR10_ARCHIVE, sizes)
+    return tfds_writer.synthetic(10, sizes)
+
+
+def make_tfds_cifar10(data_dir, train, test):
+    """A real-format tfds cifar10 (array_record) in `data_dir` with `train` and `test` images (cifar10_splits)."""
+    splits = cifar10_splits({"train": train, "test": test})
     tfds_writer.write(str(data_dir), "cifar10", splits, {"label": tfds_writer.CIFAR10_LABELS})
     return str(data_dir)
 

@@ -14,23 +14,17 @@ import numpy as np
 import pytest
 
 from configs import default
-from conftest import CIFAR10_ARCHIVE, ROOT
+from conftest import ROOT, cifar10_splits
 from resnet_jax.data import cifar_archive, registry, tfds_source, tfds_writer
 from resnet_jax.errors import Error
 
 SIZES = {"train": 100, "test": 30}
 
 
-def jpeg_or_synthetic_splits(sizes):
-    if os.path.exists(CIFAR10_ARCHIVE):
-        return tfds_writer.read_archive(CIFAR10_ARCHIVE, sizes)
-    return tfds_writer.synthetic(10, sizes)
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """A cifar-10-binary.tar.gz holding real CIFAR-10 images, and the splits in file order."""
-    splits = jpeg_or_synthetic_splits(SIZES)
+    splits = cifar10_splits(SIZES)
     path = str(tmp_path_factory.mktemp("official") / "cifar-10-binary.tar.gz")
     cifar_archive.write(path, "cifar10", splits, {"label": tfds_writer.CIFAR10_LABELS})
     return path, splits
