@@ -49,7 +49,7 @@ flags.DEFINE_enum(
     "train",
     ["train", "eval", "predict", "export", "summary"],
     "train (resuming if the workdir has checkpoints), eval (a checkpoint on the test split), "
-    "predict (IMAGE files with a checkpoint), export (a checkpoint as StableHLO, ONNX and a "
+    "predict (IMAGE files with a checkpoint), export (a checkpoint as StableHLO and a "
     "SavedModel in WORKDIR/export/) or summary (the model's table).",
 )
 flags.DEFINE_bool("json", False, "--mode predict: one JSON line per image.")

@@ -10,7 +10,7 @@ how much of the step, and of the JAX/PyTorch gap, is convolution kernels.
 
     python benchmarks/conv_ops.py --model resnet18 --batch-size 128 [--dtype float32] [--json]
 
-Needs PyTorch for the PyTorch side (pip install -e '.[bench]'); without it, JAX only.
+Needs PyTorch beside JAX for the PyTorch side (docs/measurements.md, 'The PyTorch side'); without it, JAX only.
 """
 
 import argparse

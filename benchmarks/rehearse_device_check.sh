@@ -12,14 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$(realpath -m "${1:?usage: bash benchmarks/rehearse_device_check.sh OUT_DIR}")"
 mkdir -p "$out"
-python="${DEVICE_PYTHON:-}"
-if [[ -z "$python" ]] && command -v pyenv >/dev/null; then
-    python="$(ls -d "$(pyenv root)"/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -1)"
-fi
-if [[ -z "$python" ]] || ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
-    echo "error: no Python 3.12 (the device image's) found. Fix: set DEVICE_PYTHON to one" >&2
-    exit 1
-fi
+python="$(.ci/python oldest)" # Python 3.12, the image's; OLDEST_PYTHON picks another
 image="$out/image-venv"
 rm -rf "$image"
 "$python" -m venv "$image"

@@ -67,6 +67,6 @@ def get_config():
 
     config.init_from = config_dict.placeholder(str)  # fine-tune from a WORKDIR or a torchvision .pt/.safetensors
     config.init_from_step = "latest"  # init_from a WORKDIR: its "latest", "best" or a step number
-    config.export_formats = "stablehlo,onnx,savedmodel"  # --mode export: the formats written to WORKDIR/export/
+    config.export_formats = "stablehlo,savedmodel"  # --mode export: the formats written to WORKDIR/export/
     config.export_parity_examples = 256  # --mode export: test images each export must match the Flax model on
     return config

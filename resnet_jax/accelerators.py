@@ -57,7 +57,7 @@ def cpu_fallback_warning(backend: str, driver: Optional[str], jax_platforms: str
     extra = cuda_extra(driver)
     return (
         f"an NVIDIA GPU is visible (driver {driver or 'unknown'}) but JAX runs on the CPU, many times slower: "
-        f"install JAX's CUDA build with pip install -e '.[{extra}]' (no -c constraints.txt, which pins the CPU build)"
+        f"install JAX's CUDA build with pip install -e '.[{extra}]' (no -c constraints-*.txt, which pin the CPU build)"
     )
 
 

@@ -1,33 +1,27 @@
 """`--mode export`: the eval-mode model, normalisation included, for other runtimes.
 
     WORKDIR/export/model.stablehlo   jax.export, serialised: jax.export.deserialize(data).call(images)
-    WORKDIR/export/model.onnx        jax2onnx: onnxruntime.InferenceSession(path).run(None, {"images": images})
     WORKDIR/export/saved_model/      jax2tf: tf.saved_model.load(path).signatures["serving_default"](images=images)
     WORKDIR/export/model.json        class names, input format, normalisation, checkpoint step and accuracy
 
-Versions: ONNX needs jax < 0.12 (every jax2onnx release through 0.17.1 calls
-`jax._src.core.ClosedJaxpr`, which jax 0.12 folded into `Jaxpr`), and is refused before any
-work on newer jax. A SavedModel takes a symbolic batch where TensorFlow's XlaCallModule
-reads the StableHLO that jax writes; where it does not (TensorFlow 2.21 with jax 0.12: jax
-writes the batch's shape assertion as `vhlo.custom_call_v2`, which TF's older StableHLO
-lacks), the SavedModel runs a fixed batch of SAVEDMODEL_CHUNK images and pads and splits
+A SavedModel takes a symbolic batch where TensorFlow's XlaCallModule
+reads the StableHLO that jax writes; where it does not (TensorFlow 2.21 with jax 0.11 and
+0.12: jax writes the batch's shape assertion as `vhlo.custom_call_v2`, which TF's older
+StableHLO lacks), the SavedModel runs a fixed batch of SAVEDMODEL_CHUNK images and pads and splits
 any batch into such chunks itself: still any batch size, at the cost of computing up to
 SAVEDMODEL_CHUNK - 1 padding images per call.
 
 Each maps uint8 RGB images, NHWC, of any batch size, to float32 logits: it is
 `pipeline.preprocess` followed by the model with `train=False` and the checkpoint's
 params and BatchNorm statistics baked in as constants. The graph computes in float32
-whatever `model.dtype` trained (XLA:CPU and onnxruntime run float32 convolutions best).
+whatever `model.dtype` trained (XLA:CPU runs float32 convolutions best).
 Each export is reloaded through its own runtime and must match the Flax function on the
 first `export_parity_examples` test images: logits within PARITY_ATOL, the same top-1.
 
-jax2onnx, onnxruntime and TensorFlow are imported here only, when their format is
-asked for: training never imports them.
+TensorFlow is imported here only, when its format is asked for: training never imports it.
 """
 
-import contextlib
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -46,9 +40,8 @@ PARITY_ATOL = 1e-4  # largest |logit difference| an export may show against the 
 # CPU-made file serves on a GPU or TPU. Lowering for all four costs almost nothing (the module
 # is the same; README, "Measured reasons in the code").
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-FILES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx", "savedmodel": "saved_model"}
-PACKAGES = {"stablehlo": (), "onnx": ("jax2onnx", "onnxruntime"), "savedmodel": ("tensorflow",)}
-ONNX_JAX_BELOW = (0, 12)  # the first jax release that no jax2onnx converts on
+FILES = {"stablehlo": "model.stablehlo", "savedmodel": "saved_model"}
+PACKAGES = {"stablehlo": (), "savedmodel": ("tensorflow",)}
 SAVEDMODEL_CHUNK = 32  # the SavedModel's fixed batch where TensorFlow cannot read a symbolic one
 
 
@@ -77,29 +70,6 @@ def export_stablehlo(serve, image_shape, path):
     with open(path, "rb") as f:
         reloaded = jax_export.deserialize(bytearray(f.read()))
     return lambda images: np.asarray(reloaded.call(images))
-
-
-def export_onnx(serve, image_shape, path):
-    """Converts `serve` with jax2onnx for a dynamic batch; returns an onnxruntime session's callable."""
-    import jax2onnx
-    import onnxruntime
-
-    with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13.0 prints a DEBUG line per linen Conv.
-        proto = jax2onnx.to_onnx(
-            serve,
-            [jax.ShapeDtypeStruct(("batch",) + image_shape, jnp.uint8)],
-            model_name="resnet_jax",
-            input_names=["images"],
-            output_names=["logits"],
-        )
-    # jax2onnx 0.13.0 annotates some intermediate tensors NHWC that its Conv plugin leaves NCHW;
-    # onnxruntime then refuses a ResNet-18 ("Add: Incompatible dimensions"). The annotations are
-    # optional hints: without them onnxruntime infers every shape itself.
-    del proto.graph.value_info[:]
-    with open(path, "wb") as f:
-        f.write(proto.SerializeToString())
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return lambda images: session.run(["logits"], {"images": images})[0]
 
 
 def export_savedmodel(serve, image_shape, path):
@@ -157,26 +127,19 @@ def _savedmodel(serve, image_shape, path, chunk):
     return lambda images: signature(images=tf.constant(images))["logits"].numpy()
 
 
-EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "savedmodel": export_savedmodel}
+EXPORTERS = {"stablehlo": export_stablehlo, "savedmodel": export_savedmodel}
 
 
 # -------------------------------------------------------------------------------- the mode
 
 
 def check_packages(formats) -> None:
-    """An Error, before any work, when a format's optional packages are not installed, or
-    (ONNX) the installed jax is one its converter does not support."""
-    if "onnx" in formats and jax.__version_info__[:2] >= ONNX_JAX_BELOW:
-        raise Error(
-            f"exporting onnx needs jax<{'.'.join(map(str, ONNX_JAX_BELOW))} (jax2onnx, every release through 0.17.1, "
-            f"fails on jax {jax.__version__}): leave onnx out of --config.export_formats, or use the pinned "
-            f"install (Python 3.11, pip install -c constraints.txt -e '.[export]')"
-        )
+    """An Error, before any work, when a format's optional packages are not installed."""
     for name in formats:
         missing = [p for p in PACKAGES[name] if importlib.util.find_spec(p) is None]
         if missing:
             raise Error(
-                f"exporting {name} needs {' and '.join(missing)}: pip install -c constraints.txt -e '.[export]' "
+                f"exporting {name} needs {' and '.join(missing)}: pip install -e '.[export]' "
                 f"(or leave {name} out of --config.export_formats)"
             )
 

@@ -153,7 +153,7 @@ class ResNet(nn.Module):
             x = conv(self.num_filters, (7, 7), (2, 2), padding=3, name="conv_init")(x)
             x = self.act(norm(name="bn_init")(x))
             # torch's MaxPool2d(3, 2, padding=1), written as an explicit -inf pad and a VALID pool:
-            # the same numbers, and a form jax2onnx 0.13 converts (not padding=((1, 1), (1, 1))).
+            # the same numbers as padding=((1, 1), (1, 1)).
             x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
             x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
         else:

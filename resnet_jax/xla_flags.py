@@ -1,13 +1,12 @@
 """XLA:CPU defaults that the entry points set before JAX is imported.
 
-Since jaxlib 0.10, XLA:CPU hands every convolution to YNNPACK, whose convolutions are much
-slower than XLA's own (Eigen) ones on a few CPU cores, and leaves the elementwise ops
-to its loop emitter, which is slow on the batch<->channel transposes that the weight
-gradients need. Giving YNNPACK the dots, elementwise ops and reductions and keeping
-the convolutions in Eigen makes the ResNet-18 train step 2.5 times faster on 2 CPU cores
-with jaxlib 0.10, 0.11 and 0.12 alike (benchmarks/throughput.py: README, "Where the CPU
-time goes" and "Tested with"). The flags only tune the XLA:CPU compiler: GPU and TPU
-computations are unaffected.
+XLA:CPU hands every convolution to YNNPACK, whose convolutions are much slower than XLA's
+own (Eigen) ones on a few CPU cores, and leaves the elementwise ops to its loop emitter,
+which is slow on the batch<->channel transposes that the weight gradients need. Giving
+YNNPACK the dots, elementwise ops and reductions and keeping the convolutions in Eigen
+makes the ResNet-18 train step about 1.7 times faster on 2 CPU cores with jaxlib 0.11 and
+0.12 alike (benchmarks/throughput.py; docs/measurements.md). The flags only tune the
+XLA:CPU compiler: GPU and TPU computations are unaffected.
 
 The flag is experimental, and an unknown flag in XLA_FLAGS aborts the process. So it is
 set as is for the jaxlib versions it was measured with (MEASURED_JAXLIB); for any other,
@@ -22,7 +21,7 @@ import subprocess
 import sys
 
 CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce"}
-MEASURED_JAXLIB = ("0.10.", "0.11.", "0.12.")
+MEASURED_JAXLIB = ("0.11.", "0.12.")
 
 
 def accepted(flags: str) -> bool:
@@ -58,7 +57,7 @@ def set_cpu_defaults(environ=os.environ) -> None:
         if not jaxlib_version.startswith(MEASURED_JAXLIB) and not accepted(flag):
             print(
                 f"resnet_jax: jaxlib {jaxlib_version}'s XLA refuses {flag}; training on the CPU without it "
-                f"(2.5 times slower on jaxlib 0.10-0.12). Fix: measure and update resnet_jax/xla_flags.py",
+                f"(1.7 times slower on jaxlib 0.11 and 0.12). Fix: measure and update resnet_jax/xla_flags.py",
                 file=sys.stderr,
             )
             continue

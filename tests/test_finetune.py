@@ -119,7 +119,7 @@ def test_torchvision_weights_load_from_safetensors(tmp_path, num_classes):
 
 
 def test_torch_load_reads_weights_only(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="torch is not installed: docs/measurements.md, 'The PyTorch side'")
     source = random_variables(smoke_setup(10), seed=2)
     state_dict = torchvision_state_dict(source, (1, 1, 1))
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / "weights.pt")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch is not installed: docs/measurements.md, 'The PyTorch side'")
 
 from benchmarks import torch_reference  # noqa: E402
 from resnet_jax import models  # noqa: E402

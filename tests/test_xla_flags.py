@@ -11,7 +11,7 @@ FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 @pytest.fixture
 def tested_jaxlib(monkeypatch):
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.2")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.2")
 
 
 def test_adds_the_defaults_after_the_users_flags(tested_jaxlib):
