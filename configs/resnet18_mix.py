@@ -11,6 +11,5 @@ from configs import resnet18
 def get_config():
     config = resnet18.get_config()
     config.cutmix_alpha = 1.0  # Yun et al.'s Beta(1, 1): the pasted area uniform in [0, 1]
-    config.mix_prob = 1.0  # every batch mixed
     config.num_epochs = 300.0
     return config

@@ -8,14 +8,10 @@ def get_config():
     config = default.get_config()
     config.model.name = "resnet20"
     config.batch_size = 128
-    config.learning_rate = 0.1
     config.base_batch_size = 128
-    config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 1e-4
     config.schedule = "piecewise"
-    config.lr_boundaries = (0.5, 0.75)
-    config.lr_decay_factor = 0.1
     config.warmup_epochs = 0.0
     config.num_epochs = 164.0
     config.checkpoint_every_steps = 2000

@@ -12,10 +12,7 @@ def get_config():
     config.batch_size = 128
     config.learning_rate = 0.2
     config.base_batch_size = 128
-    config.nesterov = True
-    config.weight_decay = 5e-4
     config.label_smoothing = 0.1
-    config.schedule = "cosine"
     config.warmup_epochs = 0.5
     config.num_epochs = 3.0
     return config

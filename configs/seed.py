@@ -9,7 +9,6 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.model.name = "resnet18"
     config.model.stem = "imagenet"
     config.model.sync_batch_norm = False
     config.data.augment = False
@@ -20,7 +19,6 @@ def get_config():
     config.base_batch_size = 4
     config.schedule = "constant"
     config.warmup_epochs = 0.0
-    config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 0.0
     config.num_epochs = 10.0

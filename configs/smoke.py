@@ -12,10 +12,8 @@ def get_config():
     config.model.num_filters = 8
     config.batch_size = 64
     config.eval_batch_size = 200
-    config.learning_rate = 0.1
     config.base_batch_size = 64
     config.warmup_epochs = 0.5
-    config.label_smoothing = 0.0
     config.num_epochs = 8.0
     config.log_every_steps = 10
     config.eval_every_epochs = 4.0
