@@ -144,7 +144,7 @@ def run(argv) -> None:
     if FLAGS.mode == "summary":
         from resnet_jax import summary
 
-        print(summary.summarize(config))
+        print(summary.model_table(config))
         return
     if FLAGS.mode == "predict":
         from resnet_jax import predict
@@ -209,7 +209,7 @@ def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:
 
 
 def run_seeds(config, workdir: str, config_path: str) -> None:
-    """--seeds: trains or evaluates WORKDIR/seed_<seed> for each seed, then summarises them."""
+    """--seeds: trains or evaluates WORKDIR/seed_<seed> for each seed, then aggregates them."""
     import jax
 
     from resnet_jax import evaluate, seeds
@@ -240,7 +240,7 @@ def run_seeds(config, workdir: str, config_path: str) -> None:
         )
         weights = ", weight average" if config.ema_decay > 0 else ""
         title = f"{os.path.basename(config_path)} over {len(per_seed)} seeds: {what} (tta {config.eval_tta}{weights})"
-        print(seeds.write(workdir, name, seeds.summarize(per_seed), title), end="")
+        print(seeds.write(workdir, name, seeds.aggregate(per_seed), title), end="")
         print(f"wrote {os.path.join(workdir, name)}.json and .md")
 
 

@@ -18,7 +18,7 @@ def restore(config, workdir: str, dataset=None):
     dataset = dataset or registry.load_dataset(config.data)
     setup = train.Setup(config, dataset)
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-    state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
+    state = checkpoints.restore_for_eval(manager, setup.fresh_state, str(config.eval_checkpoint_step))
     logging.info("restored the checkpoint at step %d in %s", int(state.step), manager.directory)
     return dataset, setup, state
 
@@ -32,7 +32,7 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
     step = int(state.step)
     p_eval_step, replicated = setup.parallel_eval_step(), setup.layout.replicate(state)
     results = {
-        split: loop.evaluate(setup, p_eval_step, replicated, images, labels)
+        split: loop.evaluate_split(setup, p_eval_step, replicated, images, labels)
         for split, images, labels in dataset.eval_splits()
     }
     result = results["test"]

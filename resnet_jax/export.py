@@ -170,7 +170,7 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     # The exported function is one plain forward pass: its accuracy is measured without test-time augmentation.
     p_eval_step = setup.parallel_eval_step(tta="none")
     replicated = setup.layout.replicate(state)
-    result = loop.evaluate(setup, p_eval_step, replicated, dataset.test_images, dataset.test_labels)
+    result = loop.evaluate_split(setup, p_eval_step, replicated, dataset.test_images, dataset.test_labels)
     if jax.process_index() != 0:  # Every process evaluates; one writes.
         return None
     logging.info(

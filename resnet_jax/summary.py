@@ -24,7 +24,7 @@ def forward_flops(model, variables, image) -> int:
     return int(jax.jit(apply).lower(variables, image).cost_analysis()["flops"])
 
 
-def summarize(config) -> str:
+def model_table(config) -> str:
     """Flax's table of `config`'s model on one image, then its parameter and FLOP totals."""
     source = registry.DATASETS[config.data.name]  # An image folder's class folders are listed; no image is read.
     num_classes, image_shape = source.num_classes(config.data), source.image_shape(config.data)

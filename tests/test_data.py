@@ -309,7 +309,7 @@ def test_training_on_array_record_data_never_imports_tensorflow(small_data_dir):
         config.data.data_dir = {small_data_dir!r}
         dataset = registry.load_dataset(config.data)
         setup = train.Setup(config, dataset)
-        state = setup.layout.replicate(setup.initial_state)
+        state = setup.layout.replicate(setup.fresh_state)
         batch = setup.layout.place_batch(pipeline.train_batch(dataset.train_images, dataset.train_labels, 0,
             batch_size=config.batch_size, seed=0))
         state = setup.parallel_train_step()(state, batch)
