@@ -28,9 +28,9 @@ xla_flags.set_cpu_defaults()  # Before anything imports jax.
 
 
 def _load_source(module_name: str, module_path: str):
-    """ml_collections (1.1.0, the newest) loads config files with SourceFileLoader.load_module(),
-    deprecated since Python 3.4 and removed in 3.15, so every run warns; this is its
-    `_load_source` on exec_module(), which it has called by that name since 1.0."""
+    """ml_collections' `_load_source` on exec_module(). Its own calls SourceFileLoader.load_module(),
+    deprecated and removed in Python 3.15, so every run warns. Drop when ml_collections loads
+    config files with exec_module()."""
     loader = importlib.machinery.SourceFileLoader(module_name, module_path)
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
     sys.modules[module_name] = module  # as load_module() did

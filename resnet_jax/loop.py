@@ -121,7 +121,7 @@ class Run:
         self.metrics_log = self.progress = None
 
     def starting_state(self):
-        """The newest usable checkpoint's state (on the host); before the first, a fine-tune's
+        """The newest usable checkpoint's state (on the host); without a checkpoint, a fine-tune's
         imported weights or the fresh state."""
         quarantine = os.path.join(self.workdir, "unusable_checkpoints") if self.is_main else None
         state = checkpoints.restore_latest(self.manager, self.setup.fresh_state, quarantine)
@@ -130,7 +130,7 @@ class Run:
         return state
 
     def begin(self, start_step: int) -> None:
-        """Opens the metrics log and starts the clock, just before the first step."""
+        """Opens the metrics log and starts the clock; called once, right ahead of the first step."""
         config, setup = self.config, self.setup
         self.metrics_log = workdir_lib.MetricsLog(self.workdir) if self.is_main else None
         if start_step:
@@ -156,7 +156,7 @@ class Run:
         if step == self.start_step + 1:  # The one wait outside logging: the first step is its compilation.
             jax.block_until_ready(state)
             self.compile_seconds = time.perf_counter() - self.clock.started
-            if not logging_now:  # Throughput is then measured after compilation.
+            if not logging_now:  # The first record's throughput then leaves compilation out.
                 self.clock.lap(step, self.clock.started + self.compile_seconds)
 
     def train_metrics(self, state) -> dict:
