@@ -129,7 +129,7 @@ def run(argv) -> None:
     joined = cluster.join(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     import jax
 
-    from resnet_jax import accelerators, config_checks, evaluate
+    from resnet_jax import accelerators, config_checks
 
     config = FLAGS.config
     config_checks.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
@@ -140,51 +140,53 @@ def run(argv) -> None:
 
     if FLAGS.seeds is not None:
         run_seeds(config, workdir, config_path)
-        return
-    if FLAGS.mode == "summary":
-        from resnet_jax import summary
+    else:
+        MODES[FLAGS.mode](config, workdir, config_path, argv[1:])
 
-        print(summary.model_table(config))
-        return
-    if FLAGS.mode == "predict":
-        from resnet_jax import predict
 
-        if len(argv) < 2:
-            raise Error("--mode predict needs IMAGE files: python run.py --config ... --mode predict a.png b.jpg")
-        failures = predict.predict_files(config, workdir, argv[1:], as_json=FLAGS.json)
-        sys.exit(1 if failures else 0)
-    if FLAGS.mode == "eval":
-        report = evaluate.evaluate_checkpoint(config, workdir)
-        for split, result in (("validation", report.get("validation")), ("test", report)):
-            if result:
-                print(
-                    f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f},"
-                    f" loss {result['loss']:.4f} "
-                    f"on {result['num_examples']} examples"
-                    f" (tta {report['tta']}{', weight average' if report['ema'] else ''})"
-                )
-        print(f"eval: wrote {workdir}/eval_{report['step']}.json")
-        return
+# ------------------------------------------------------------------ the modes
+# Each takes (config, workdir, config_path, the IMAGE arguments) and prints its own report. The
+# modules are imported inside them: jax must not be imported before the XLA flags are set.
 
-    if FLAGS.mode == "export":
-        from resnet_jax import export
 
-        report = export.export_checkpoint(config, workdir)
-        if report:
-            for name, result in report["exports"].items():
-                print(
-                    f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference| "
-                    f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']}"
-                    f" test images, same top-1)"
-                )
-            checkpoint = report["checkpoint"]
-            print(
-                f"export: step {checkpoint['step']} (test accuracy {checkpoint['test_accuracy']:.4f}); "
-                f"wrote {os.path.join(workdir, 'export', 'model.json')}"
-            )
-        return
-
+def train_mode(config, workdir: str, config_path: str, images) -> None:
     train_workdir(config, workdir, config_path)
+
+
+def eval_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import evaluate
+
+    evaluate.print_report(evaluate.evaluate_checkpoint(config, workdir), workdir)
+
+
+def predict_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import predict
+
+    if not images:
+        raise Error("--mode predict needs IMAGE files: python run.py --config ... --mode predict a.png b.jpg")
+    failures = predict.predict_files(config, workdir, images, as_json=FLAGS.json)
+    sys.exit(1 if failures else 0)
+
+
+def export_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import export
+
+    export.print_report(export.export_checkpoint(config, workdir), workdir)
+
+
+def summary_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import summary
+
+    print(summary.model_table(config))
+
+
+MODES = {
+    "train": train_mode,
+    "eval": eval_mode,
+    "predict": predict_mode,
+    "export": export_mode,
+    "summary": summary_mode,
+}
 
 
 def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:

@@ -62,3 +62,16 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
             title=f"{config.model.name} step {step}: accuracy {result['accuracy']:.2%}",
         )
     return report
+
+
+def print_report(report: dict, workdir: str) -> None:
+    """`--mode eval`'s lines: each split's accuracy and loss, then the file written."""
+    for split, result in (("validation", report.get("validation")), ("test", report)):
+        if result:
+            print(
+                f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f},"
+                f" loss {result['loss']:.4f} "
+                f"on {result['num_examples']} examples"
+                f" (tta {report['tta']}{', weight average' if report['ema'] else ''})"
+            )
+    print(f"eval: wrote {workdir}/eval_{report['step']}.json")

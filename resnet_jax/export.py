@@ -223,3 +223,21 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     with open(os.path.join(folder, "model.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def print_report(report: dict, workdir: str) -> None:
+    """`--mode export`'s lines: each export and its parity, then the checkpoint and model.json
+    (nothing on the other processes of a multi-host run, whose `report` is None)."""
+    if not report:
+        return
+    for name, result in report["exports"].items():
+        print(
+            f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference| "
+            f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']}"
+            f" test images, same top-1)"
+        )
+    checkpoint = report["checkpoint"]
+    print(
+        f"export: step {checkpoint['step']} (test accuracy {checkpoint['test_accuracy']:.4f}); "
+        f"wrote {os.path.join(workdir, 'export', 'model.json')}"
+    )
