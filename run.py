@@ -28,9 +28,9 @@ xla_flags.set_cpu_defaults()  # Before anything imports jax.
 
 
 def _load_source(module_name: str, module_path: str):
-    """ml_collections (1.1.0, the newest) loads config files with SourceFileLoader.load_module(),
-    deprecated since Python 3.4 and removed in 3.15, so every run warns; this is its
-    `_load_source` on exec_module(), which it has called by that name since 1.0."""
+    """ml_collections' `_load_source` on exec_module(). Its own calls SourceFileLoader.load_module(),
+    deprecated and removed in Python 3.15, so every run warns. Drop when ml_collections loads
+    config files with exec_module()."""
     loader = importlib.machinery.SourceFileLoader(module_name, module_path)
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
     sys.modules[module_name] = module  # as load_module() did
@@ -129,7 +129,7 @@ def run(argv) -> None:
     joined = cluster.join(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     import jax
 
-    from resnet_jax import accelerators, config_checks, evaluate
+    from resnet_jax import accelerators, config_checks
 
     config = FLAGS.config
     config_checks.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
@@ -140,51 +140,53 @@ def run(argv) -> None:
 
     if FLAGS.seeds is not None:
         run_seeds(config, workdir, config_path)
-        return
-    if FLAGS.mode == "summary":
-        from resnet_jax import summary
+    else:
+        MODES[FLAGS.mode](config, workdir, config_path, argv[1:])
 
-        print(summary.summarize(config))
-        return
-    if FLAGS.mode == "predict":
-        from resnet_jax import predict
 
-        if len(argv) < 2:
-            raise Error("--mode predict needs IMAGE files: python run.py --config ... --mode predict a.png b.jpg")
-        failures = predict.predict_files(config, workdir, argv[1:], as_json=FLAGS.json)
-        sys.exit(1 if failures else 0)
-    if FLAGS.mode == "eval":
-        report = evaluate.evaluate_checkpoint(config, workdir)
-        for split, result in (("validation", report.get("validation")), ("test", report)):
-            if result:
-                print(
-                    f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f},"
-                    f" loss {result['loss']:.4f} "
-                    f"on {result['num_examples']} examples"
-                    f" (tta {report['tta']}{', weight average' if report['ema'] else ''})"
-                )
-        print(f"eval: wrote {workdir}/eval_{report['step']}.json")
-        return
+# ------------------------------------------------------------------ the modes
+# Each takes (config, workdir, config_path, the IMAGE arguments) and prints its own report. The
+# modules are imported inside them: jax must not be imported before the XLA flags are set.
 
-    if FLAGS.mode == "export":
-        from resnet_jax import export
 
-        report = export.export_checkpoint(config, workdir)
-        if report:
-            for name, result in report["exports"].items():
-                print(
-                    f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference| "
-                    f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']}"
-                    f" test images, same top-1)"
-                )
-            checkpoint = report["checkpoint"]
-            print(
-                f"export: step {checkpoint['step']} (test accuracy {checkpoint['test_accuracy']:.4f}); "
-                f"wrote {os.path.join(workdir, 'export', 'model.json')}"
-            )
-        return
-
+def train_mode(config, workdir: str, config_path: str, images) -> None:
     train_workdir(config, workdir, config_path)
+
+
+def eval_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import evaluate
+
+    evaluate.print_report(evaluate.evaluate_checkpoint(config, workdir), workdir)
+
+
+def predict_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import predict
+
+    if not images:
+        raise Error("--mode predict needs IMAGE files: python run.py --config ... --mode predict a.png b.jpg")
+    failures = predict.predict_files(config, workdir, images, as_json=FLAGS.json)
+    sys.exit(1 if failures else 0)
+
+
+def export_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import export
+
+    export.print_report(export.export_checkpoint(config, workdir), workdir)
+
+
+def summary_mode(config, workdir: str, config_path: str, images) -> None:
+    from resnet_jax import summary
+
+    print(summary.model_table(config))
+
+
+MODES = {
+    "train": train_mode,
+    "eval": eval_mode,
+    "predict": predict_mode,
+    "export": export_mode,
+    "summary": summary_mode,
+}
 
 
 def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:
@@ -209,7 +211,7 @@ def train_workdir(config, workdir: str, config_path: str, dataset=None) -> bool:
 
 
 def run_seeds(config, workdir: str, config_path: str) -> None:
-    """--seeds: trains or evaluates WORKDIR/seed_<seed> for each seed, then summarises them."""
+    """--seeds: trains or evaluates WORKDIR/seed_<seed> for each seed, then aggregates them."""
     import jax
 
     from resnet_jax import evaluate, seeds
@@ -240,7 +242,7 @@ def run_seeds(config, workdir: str, config_path: str) -> None:
         )
         weights = ", weight average" if config.ema_decay > 0 else ""
         title = f"{os.path.basename(config_path)} over {len(per_seed)} seeds: {what} (tta {config.eval_tta}{weights})"
-        print(seeds.write(workdir, name, seeds.summarize(per_seed), title), end="")
+        print(seeds.write(workdir, name, seeds.aggregate(per_seed), title), end="")
         print(f"wrote {os.path.join(workdir, name)}.json and .md")
 
 

@@ -115,7 +115,7 @@ class TrainLoop:
     def __init__(self, setup, devices):
         self.setup, self.devices = setup, devices
         self.step_fn = setup.parallel_train_step(devices)
-        self.state = setup.layout.replicate(setup.initial_state, devices)
+        self.state = setup.layout.replicate(setup.fresh_state, devices)
         self.batches = setup.train_batches(0, 2**31 - 1, devices)
         self.resident = next(self.batches)
 
@@ -174,7 +174,7 @@ def memory_breakdown_mb(loop):
                 a.nbytes for a in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels)
             )
         ),
-        "train_state": mb(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(setup.initial_state))),
+        "train_state": mb(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(setup.fresh_state))),
         "train_step_scratch": mb(temp(setup.parallel_train_step(devices), loop.state, loop.resident)),
         "eval_step_scratch": mb(temp(setup.parallel_eval_step(devices), loop.state, eval_batch(setup, devices))),
     }
@@ -187,7 +187,7 @@ def train_step_flops(setup, devices) -> float:
     a ResNet-18 step), so the step is vmapped over a one-element axis and lowered, not compiled.
     """
     config, dataset = setup.config, setup.dataset
-    state = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], setup.initial_state)
+    state = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], setup.fresh_state)
     batch = pipeline.train_batch(
         dataset.train_images,
         dataset.train_labels,
@@ -197,7 +197,7 @@ def train_step_flops(setup, devices) -> float:
         mix=train.mixes(config),
     )
     batch = jax.tree_util.tree_map(lambda x: x[None], batch)  # the one-element axis
-    lowered = jax.jit(jax.vmap(setup.train_step(), axis_name=parallel.AXIS)).lower(state, batch)
+    lowered = jax.jit(jax.vmap(setup.configured_train_step(), axis_name=parallel.AXIS)).lower(state, batch)
     return float(lowered.cost_analysis()["flops"])
 
 

@@ -45,7 +45,7 @@ def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.Chec
 
 
 def _best_metric(metrics: dict) -> float:
-    # Runs from before the validation split saved the test accuracy as "accuracy": never selected on.
+    # The best is chosen on validation accuracy alone; metrics holding only a test "accuracy" rank last.
     return metrics.get("validation_accuracy", float("-inf"))
 
 
@@ -94,8 +94,8 @@ def _short(e: Exception) -> str:
 def _drop_failed_restore_noise() -> None:
     """A failed restore leaves tensorstore reads finishing on orbax's closed event loop; the
     errors they raise there (at any moment, from other threads, or logged by asyncio as
-    "Task exception was never retrieved" with a traceback, possibly before the restore has
-    even raised) say nothing new, so they are not printed. Installed before each restore,
+    "Task exception was never retrieved" with a traceback, possibly ahead of the restore's
+    own exception) say nothing new, so they are not printed. Installed before each restore,
     since it can fail."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     if getattr(sys.unraisablehook, "drops_closed_loop_errors", False):

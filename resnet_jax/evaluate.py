@@ -18,7 +18,7 @@ def restore(config, workdir: str, dataset=None):
     dataset = dataset or registry.load_dataset(config.data)
     setup = train.Setup(config, dataset)
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints, read_only=True)
-    state = checkpoints.restore_for_eval(manager, setup.initial_state, str(config.eval_checkpoint_step))
+    state = checkpoints.restore_for_eval(manager, setup.fresh_state, str(config.eval_checkpoint_step))
     logging.info("restored the checkpoint at step %d in %s", int(state.step), manager.directory)
     return dataset, setup, state
 
@@ -32,7 +32,7 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
     step = int(state.step)
     p_eval_step, replicated = setup.parallel_eval_step(), setup.layout.replicate(state)
     results = {
-        split: loop.evaluate(setup, p_eval_step, replicated, images, labels)
+        split: loop.evaluate_split(setup, p_eval_step, replicated, images, labels)
         for split, images, labels in dataset.eval_splits()
     }
     result = results["test"]
@@ -62,3 +62,16 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
             title=f"{config.model.name} step {step}: accuracy {result['accuracy']:.2%}",
         )
     return report
+
+
+def print_report(report: dict, workdir: str) -> None:
+    """`--mode eval`'s lines: each split's accuracy and loss, then the file written."""
+    for split, result in (("validation", report.get("validation")), ("test", report)):
+        if result:
+            print(
+                f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f},"
+                f" loss {result['loss']:.4f} "
+                f"on {result['num_examples']} examples"
+                f" (tta {report['tta']}{', weight average' if report['ema'] else ''})"
+            )
+    print(f"eval: wrote {workdir}/eval_{report['step']}.json")

@@ -1,24 +1,16 @@
-"""`--mode export`: the eval-mode model, normalisation included, for other runtimes.
+"""`--mode export`: a trained checkpoint as files that other runtimes load.
 
     WORKDIR/export/model.stablehlo   jax.export, serialised: jax.export.deserialize(data).call(images)
     WORKDIR/export/saved_model/      jax2tf: tf.saved_model.load(path).signatures["serving_default"](images=images)
     WORKDIR/export/model.json        class names, input format, normalisation, checkpoint step and accuracy
 
-A SavedModel takes a symbolic batch where TensorFlow's XlaCallModule
-reads the StableHLO that jax writes; where it does not (TensorFlow 2.21 with jax 0.11 and
-0.12: jax writes the batch's shape assertion as `vhlo.custom_call_v2`, which TF's older
-StableHLO lacks), the SavedModel runs a fixed batch of SAVEDMODEL_CHUNK images and pads and splits
-any batch into such chunks itself: still any batch size, at the cost of computing up to
-SAVEDMODEL_CHUNK - 1 padding images per call.
+Each export maps uint8 RGB NHWC images, any batch size, to float32 logits: eval's
+preprocessing, then the model with `train=False` and the checkpoint's variables baked in. It
+computes in float32 whatever `model.dtype` trained (XLA:CPU runs float32 convolutions best).
+Each is reloaded through its own runtime and checked against the Flax model on the first
+`export_parity_examples` test images: logits within PARITY_ATOL, the same top-1.
 
-Each maps uint8 RGB images, NHWC, of any batch size, to float32 logits: it is
-`pipeline.preprocess` followed by the model with `train=False` and the checkpoint's
-params and BatchNorm statistics baked in as constants. The graph computes in float32
-whatever `model.dtype` trained (XLA:CPU runs float32 convolutions best).
-Each export is reloaded through its own runtime and must match the Flax function on the
-first `export_parity_examples` test images: logits within PARITY_ATOL, the same top-1.
-
-TensorFlow is imported here only, when its format is asked for: training never imports it.
+Only this module imports TensorFlow, and only for the SavedModel.
 """
 
 import importlib.util
@@ -36,9 +28,8 @@ from resnet_jax.data import pipeline
 from resnet_jax.errors import Error, RunFailure
 
 PARITY_ATOL = 1e-4  # largest |logit difference| an export may show against the Flax model
-# StableHLO and SavedModel run where they are loaded, not only where they were exported: a
-# CPU-made file serves on a GPU or TPU. Lowering for all four costs almost nothing (the module
-# is the same; README, "Measured reasons in the code").
+# Lowered for every platform, so that a file exported on the CPU also serves on a GPU or TPU;
+# the module is the same for all four, so this costs little (docs/measurements.md).
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FILES = {"stablehlo": "model.stablehlo", "savedmodel": "saved_model"}
 PACKAGES = {"stablehlo": (), "savedmodel": ("tensorflow",)}
@@ -75,7 +66,11 @@ def export_stablehlo(serve, image_shape, path):
 def export_savedmodel(serve, image_shape, path):
     """Converts `serve` with jax2tf into a SavedModel for any batch size; returns its reloaded signature.
 
-    A symbolic batch where this TensorFlow can run it, else chunks of SAVEDMODEL_CHUNK (module docstring).
+    The SavedModel takes a symbolic batch where TensorFlow's XlaCallModule reads the module jax
+    writes. Where it cannot (jax writes the batch's shape assertion as `vhlo.custom_call_v2`,
+    which TensorFlow's StableHLO may lack), the SavedModel runs fixed batches of SAVEDMODEL_CHUNK
+    images, padding and splitting any batch itself, at the cost of up to SAVEDMODEL_CHUNK - 1
+    padding images per call. Drop the fallback when every supported TensorFlow reads that op.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -167,10 +162,10 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     check_packages(formats)
     dataset, setup, state = evaluate.restore(config, workdir, dataset)
     step = int(state.step)
-    # The exported function is one plain forward pass: its accuracy is measured without test-time augmentation.
+    # The exported function is one plain forward pass: its accuracy is evaluated without test-time augmentation.
     p_eval_step = setup.parallel_eval_step(tta="none")
     replicated = setup.layout.replicate(state)
-    result = loop.evaluate(setup, p_eval_step, replicated, dataset.test_images, dataset.test_labels)
+    result = loop.evaluate_split(setup, p_eval_step, replicated, dataset.test_images, dataset.test_labels)
     if jax.process_index() != 0:  # Every process evaluates; one writes.
         return None
     logging.info(
@@ -228,3 +223,21 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     with open(os.path.join(folder, "model.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def print_report(report: dict, workdir: str) -> None:
+    """`--mode export`'s lines: each export and its parity, then the checkpoint and model.json
+    (nothing on the other processes of a multi-host run, whose `report` is None)."""
+    if not report:
+        return
+    for name, result in report["exports"].items():
+        print(
+            f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference| "
+            f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']}"
+            f" test images, same top-1)"
+        )
+    checkpoint = report["checkpoint"]
+    print(
+        f"export: step {checkpoint['step']} (test accuracy {checkpoint['test_accuracy']:.4f}); "
+        f"wrote {os.path.join(workdir, 'export', 'model.json')}"
+    )

@@ -115,10 +115,10 @@ def merge(config, source: str, template: dict, loaded: dict) -> Tuple[dict, bool
     return traverse_util.unflatten_dict(merged), new_head
 
 
-def initial_state(config, setup):
-    """`setup.initial_state` (fresh optimizer, step 0) with the weights `config.init_from` names."""
+def imported_state(config, setup):
+    """`setup.fresh_state` (fresh optimizer, step 0) with the weights `config.init_from` names."""
     description, loaded = read_source(config, setup.model)
-    state = setup.initial_state
+    state = setup.fresh_state
     variables, new_head = merge(
         config, config.init_from, {"params": state.params, "batch_stats": state.batch_stats}, loaded
     )

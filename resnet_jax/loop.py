@@ -2,13 +2,13 @@
 predicate of the step (`Due`, after big_vision's `itstime`):
 
     log         every log_every_steps, and at the last step
-    evaluate    every eval_every_epochs, and at the last step; then a checkpoint
+    evaluation  every eval_every_epochs, and at the last step; then a checkpoint
     checkpoint  every checkpoint_every_steps, and at the last step
-    stop check  SIGTERM/SIGINT: a checkpoint, then a clean return that the same command resumes
+    stop_check  SIGTERM/SIGINT: a checkpoint, then a clean return that the same command resumes
 
 `train_and_evaluate` reads top to bottom; `Run` holds what the loop keeps between steps
 besides the state (the checkpoint manager, the metrics log, the clock), and its methods take
-the state as an argument. `evaluate` is one split's evaluation, which the modes use too.
+the state as an argument. `evaluate_split` evaluates one split; the modes use it too.
 """
 
 import dataclasses
@@ -35,7 +35,7 @@ def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "C
     setup = train.Setup(config, dataset or registry.load_dataset(config.data))
     run = Run(config, workdir, setup)
     try:
-        state = run.initial_state()
+        state = run.starting_state()
         start_step = int(state.step)
         due = Due.from_config(config, setup)
         p_train_step, p_eval_step = setup.parallel_train_step(), setup.parallel_eval_step()
@@ -47,8 +47,8 @@ def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "C
                 run.stepped(step, state, due.log(step))
                 if due.log(step):
                     state = run.log_train(step, state)
-                if due.evaluate(step):
-                    run.save(step, state, run.evaluate(step, state, p_eval_step))
+                if due.evaluation(step):
+                    run.save(step, state, run.evaluate_and_record(step, state, p_eval_step))
                     run.clock.lap(step)
                 elif due.checkpoint(step):
                     run.save(step, state)
@@ -83,7 +83,7 @@ class Due:
     def log(self, step: int) -> bool:
         return itstime(step, self.log_every, self.num_steps)
 
-    def evaluate(self, step: int) -> bool:
+    def evaluation(self, step: int) -> bool:
         return itstime(step, self.eval_every, self.num_steps)
 
     def checkpoint(self, step: int) -> bool:
@@ -118,21 +118,21 @@ class Run:
         self.config, self.workdir, self.setup = config, workdir, setup
         self.is_main = jax.process_index() == 0
         self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
-        self.log = self.progress = None
+        self.metrics_log = self.progress = None
 
-    def initial_state(self):
-        """The newest usable checkpoint's state (on the host); before the first, a fine-tune's
+    def starting_state(self):
+        """The newest usable checkpoint's state (on the host); without a checkpoint, a fine-tune's
         imported weights or the fresh state."""
         quarantine = os.path.join(self.workdir, "unusable_checkpoints") if self.is_main else None
-        state = checkpoints.restore_latest(self.manager, self.setup.initial_state, quarantine)
+        state = checkpoints.restore_latest(self.manager, self.setup.fresh_state, quarantine)
         if not int(state.step) and self.config.init_from:  # A resumed fine-tune continues from its own checkpoints.
-            state = finetune.initial_state(self.config, self.setup)
+            state = finetune.imported_state(self.config, self.setup)
         return state
 
     def begin(self, start_step: int) -> None:
-        """Opens the metrics log and starts the clock, just before the first step."""
+        """Opens the metrics log and starts the clock; called once, right ahead of the first step."""
         config, setup = self.config, self.setup
-        self.log = workdir_lib.MetricsLog(self.workdir) if self.is_main else None
+        self.metrics_log = workdir_lib.MetricsLog(self.workdir) if self.is_main else None
         if start_step:
             logging.info("resumed from the checkpoint at step %d", start_step)
         logging.info(
@@ -156,7 +156,7 @@ class Run:
         if step == self.start_step + 1:  # The one wait outside logging: the first step is its compilation.
             jax.block_until_ready(state)
             self.compile_seconds = time.perf_counter() - self.clock.started
-            if not logging_now:  # Throughput is then measured after compilation.
+            if not logging_now:  # The first record's throughput then leaves compilation out.
                 self.clock.lap(step, self.clock.started + self.compile_seconds)
 
     def train_metrics(self, state) -> dict:
@@ -193,12 +193,12 @@ class Run:
         self._write(record)
         return state.replace(train_metrics=self.setup.layout.replicate(train.empty_train_metrics()))
 
-    def evaluate(self, step: int, state, p_eval_step):
+    def evaluate_and_record(self, step: int, state, p_eval_step):
         """Evaluates every split and writes their records; returns the metrics the checkpoint keeps."""
         accuracy = {}
         for split, images, labels in self.setup.dataset.eval_splits():
             began = time.perf_counter()
-            result = evaluate(self.setup, p_eval_step, state, images, labels)
+            result = evaluate_split(self.setup, p_eval_step, state, images, labels)
             accuracy[split] = result["accuracy"]
             now = time.perf_counter()
             self._write(
@@ -212,7 +212,7 @@ class Run:
                     "elapsed_seconds": now - self.clock.started,
                 }
             )
-        if self.log:
+        if self.metrics_log:
             plots.plot_curves(self.workdir)
         # The kept "best" checkpoint is chosen on validation only, never on test.
         return {"validation_accuracy": accuracy["validation"]} if "validation" in accuracy else None
@@ -246,16 +246,16 @@ class Run:
             checkpoints.close(self.manager)
         if self.progress:
             self.progress.close()
-        if self.log:
-            self.log.close()
+        if self.metrics_log:
+            self.metrics_log.close()
 
     def _write(self, record: dict) -> None:
-        if self.log:
-            self.log.write(record)
+        if self.metrics_log:
+            self.metrics_log.write(record)
             _report(self.progress, record)
 
 
-def evaluate(setup, p_eval_step, state, images, labels) -> dict:
+def evaluate_split(setup, p_eval_step, state, images, labels) -> dict:
     """Loss, accuracy and confusion matrix over a whole split (each example once), with
     `setup.parallel_eval_step()` and a state that `setup.layout` replicated."""
     totals, layout, batch_size = None, setup.layout, setup.config.eval_batch_size

@@ -160,8 +160,8 @@ class ResNet(nn.Module):
             x = conv(self.num_filters, (3, 3), padding=1, name="conv_init")(x)
             x = self.act(norm(name="bn_init")(x))
         # Backpropagation keeps only the blocks' conv outputs (and inputs) and recomputes the
-        # cheap BatchNorm and ReLU from them: about half the scratch memory, and with less memory
-        # traffic a faster step (measured: README, "Where the CPU time goes").
+        # cheap BatchNorm and ReLU from them: less scratch memory, and with less memory traffic a
+        # faster step (docs/measurements.md).
         block_cls = nn.remat(self.block_cls, policy=jax.checkpoint_policies.dots_saveable)
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
@@ -218,9 +218,9 @@ class ResNet9(nn.Module):
             return self.act(norm(name=f"{name}_bn")(x))
 
         x = conv_bn(x.astype(self.dtype), self.num_filters, "prep")
-        # The residuals are not rematerialised as ResNet's blocks are: nn.remat left the train step's
-        # scratch memory unchanged (the 32x32 prep and layer1 outputs dominate it) and was no faster
-        # (measured: README, "Measured reasons in the code").
+        # The residuals are not rematerialised as ResNet's blocks are: the 32x32 prep and layer1
+        # outputs dominate the train step's scratch memory, so nn.remat saves none of it and is no
+        # faster (docs/measurements.md).
         for i, residual in enumerate((True, False, True), start=1):  # Page's res_layers: layer1, layer3
             x = conv_bn(x, self.num_filters * 2**i, f"layer{i}")
             x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))

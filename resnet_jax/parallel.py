@@ -7,7 +7,7 @@ layout decides everything else, and nothing outside this module knows which one 
     "pmap"     `jax.pmap` over this process's devices (the design card's default). The state is
                stacked, one copy per local device; a batch gets a leading local-device axis.
     "sharded"  one `jax.jit` of `jax.shard_map` over a one-axis mesh of every device of every
-               process, as JAX recommends since 0.8 (pmap is in maintenance mode there). The
+               process, as JAX recommends (pmap is in maintenance mode). The
                state is one replicated global array; a batch one global array split on AXIS,
                built across hosts with `jax.make_array_from_process_local_data`.
 

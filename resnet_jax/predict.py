@@ -1,13 +1,10 @@
 """`--mode predict`: the top-3 classes of image files, from a trained checkpoint.
 
-Each file becomes the RGB uint8 image the network was trained on (32x32; for an image
-folder data set, `data.image_size` square) by `data.images.load_image`, the way a user
-would expect (EXIF orientation, transparency on white, the centred square, Lanczos), so a
-CIFAR image saved as PNG is classified exactly as `--mode eval` classifies it. The class
-names and normalisation are those of training (the data set's names, its train split's
-mean and std), the preprocessing is eval's and the network runs with `train=False`. A file
-that cannot be read, is not an image or is too large gets a one-line error; the other
-files are still answered.
+Each file becomes the image the network trained on (`data.images.load_image`: 32x32, or an
+image folder's `data.image_size` square), so a CIFAR image saved as PNG is classified as
+`--mode eval` classifies it. Class names and normalisation are training's, the preprocessing
+is eval's, and the network runs with `train=False`. A file that cannot be used gets a
+one-line error; the other files are still answered.
 """
 
 import functools

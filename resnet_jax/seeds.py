@@ -45,39 +45,39 @@ def final_accuracy(workdir: str) -> Dict[str, float]:
     return {"step": step, **{r["split"]: r["accuracy"] for r in evals if r["step"] == step}}
 
 
-def summarize(per_seed: Dict[int, Dict[str, float]]) -> dict:
+def aggregate(per_seed: Dict[int, Dict[str, float]]) -> dict:
     """Mean and sample standard deviation (ddof=1; 0 for one seed) over seeds, per split."""
-    summary = {"seeds": sorted(per_seed), "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)}}
+    aggregated = {"seeds": sorted(per_seed), "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)}}
     for split in SPLITS:
         values = [r[split] for r in per_seed.values() if split in r]
         if values and len(values) == len(per_seed):
-            summary[split] = {
+            aggregated[split] = {
                 "mean": float(np.mean(values)),
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                 "n": len(values),
             }
-    return summary
+    return aggregated
 
 
-def table(summary: dict, title: str) -> str:
+def table(aggregated: dict, title: str) -> str:
     """A Markdown table: one row per seed, then mean ± std, accuracies in %."""
-    splits = [s for s in SPLITS if s in summary]
+    splits = [s for s in SPLITS if s in aggregated]
     lines = [f"# {title}", "", "| seed | step | " + " | ".join(splits) + " |", "|---" * (2 + len(splits)) + "|"]
-    for seed, r in summary["per_seed"].items():
+    for seed, r in aggregated["per_seed"].items():
         lines.append(f"| {seed} | {r['step']} | " + " | ".join(f"{100 * r[s]:.2f}" for s in splits) + " |")
     lines.append(
-        f"| mean ± std (n={len(summary['seeds'])}) | | "
-        + " | ".join(f"{100 * summary[s]['mean']:.2f} ± {100 * summary[s]['std']:.2f}" for s in splits)
+        f"| mean ± std (n={len(aggregated['seeds'])}) | | "
+        + " | ".join(f"{100 * aggregated[s]['mean']:.2f} ± {100 * aggregated[s]['std']:.2f}" for s in splits)
         + " |"
     )
     return "\n".join(lines) + "\n"
 
 
-def write(workdir: str, name: str, summary: dict, title: str) -> str:
+def write(workdir: str, name: str, aggregated: dict, title: str) -> str:
     """Writes WORKDIR/<name>.json and WORKDIR/<name>.md; returns the table."""
-    text = table(summary, title)
+    text = table(aggregated, title)
     with open(os.path.join(workdir, f"{name}.json"), "w") as f:
-        json.dump({"title": title, **summary}, f, indent=2)
+        json.dump({"title": title, **aggregated}, f, indent=2)
     with open(os.path.join(workdir, f"{name}.md"), "w") as f:
         f.write(text)
     return text

@@ -1,7 +1,7 @@
 """`--mode summary`: the configured model's table, drawn by Flax's own `nn.tabulate`.
 
 One row per top-level layer (stem, residual blocks, head) with its output shape, its
-forward FLOPs on one 32x32 image (XLA's cost estimate; an image folder's `data.image_size`)
+forward FLOPs on one image of the data set's shape (its registry entry's; XLA's cost estimate)
 and its variables; then the totals. Only the config is needed: no data set (of an image
 folder, only its class names), no checkpoint.
 """
@@ -24,7 +24,7 @@ def forward_flops(model, variables, image) -> int:
     return int(jax.jit(apply).lower(variables, image).cost_analysis()["flops"])
 
 
-def summarize(config) -> str:
+def model_table(config) -> str:
     """Flax's table of `config`'s model on one image, then its parameter and FLOP totals."""
     source = registry.DATASETS[config.data.name]  # An image folder's class folders are listed; no image is read.
     num_classes, image_shape = source.num_classes(config.data), source.image_shape(config.data)

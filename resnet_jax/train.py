@@ -257,7 +257,7 @@ def eval_step(state: TrainState, batch, *, preprocess_fn: Callable, tta: str = "
 
 class Setup:
     """What training and every mode build from a config and a data set: the model, the
-    schedule, the initial state, the preprocessing and the steps spread over the devices."""
+    schedule, the fresh state, the preprocessing and the steps spread over the devices."""
 
     def __init__(self, config, dataset):
         self.config = config
@@ -268,14 +268,14 @@ class Setup:
         self.learning_rate_fn = create_learning_rate_fn(config, self.steps_per_epoch, self.num_steps)
         self.layout = parallel.layout(config.parallel)
         init_key, self.aug_key = jax.random.split(jax.random.key(config.seed))
-        self.initial_state = create_train_state(
+        self.fresh_state = create_train_state(
             init_key, config, self.model, self.learning_rate_fn, dataset.train_images.shape[1:]
         )
         mean, std = pipeline.normalization(config.data, dataset)
         self.preprocess_fn = functools.partial(
             pipeline.preprocess, mean=mean, std=std, dtype=self.model.dtype, data_config=config.data
         )
-        # Mixup/CutMix draws from a stream of its own, so the init and augmentation keys stay as they were.
+        # Mixup/CutMix draws from a stream of its own, so mixing changes neither the init nor the augmentation draws.
         self.mix_fn = None  # (step, height, width) -> (lam, weight), when mixing
         if mixes(config):
             self.mix_fn = functools.partial(
@@ -286,8 +286,8 @@ class Setup:
                 mix_prob=config.mix_prob,
             )
 
-    def train_step(self):
-        """The per-device train step, configured."""
+    def configured_train_step(self):
+        """`train_step` with this config's preprocessing, augmentation key, smoothing, average and mix."""
         return functools.partial(
             train_step,
             preprocess_fn=self.preprocess_fn,
@@ -299,7 +299,7 @@ class Setup:
 
     def parallel_train_step(self, devices=None):
         """The train step on every local device (or `devices`); it donates the state it is given."""
-        return self.layout.map_step(self.train_step(), devices, donate_state=True)
+        return self.layout.map_step(self.configured_train_step(), devices, donate_state=True)
 
     def parallel_eval_step(self, devices=None, tta=None):
         """The eval step on every local device, with test-time augmentation `tta` (default: config.eval_tta)."""

@@ -4,12 +4,11 @@ XLA:CPU hands every convolution to YNNPACK, whose convolutions are much slower t
 own (Eigen) ones on a few CPU cores, and leaves the elementwise ops to its loop emitter,
 which is slow on the batch<->channel transposes that the weight gradients need. Giving
 YNNPACK the dots, elementwise ops and reductions and keeping the convolutions in Eigen
-makes the ResNet-18 train step about 1.7 times faster on 2 CPU cores with jaxlib 0.11 and
-0.12 alike (benchmarks/throughput.py; docs/measurements.md). The flags only tune the
-XLA:CPU compiler: GPU and TPU computations are unaffected.
+makes the train step markedly faster (docs/measurements.md, "The XLA:CPU flag"). The flags
+only tune the XLA:CPU compiler: GPU and TPU computations are unaffected.
 
 The flag is experimental, and an unknown flag in XLA_FLAGS aborts the process. So it is
-set as is for the jaxlib versions it was measured with (MEASURED_JAXLIB); for any other,
+set as is for the jaxlib releases in MEASURED_JAXLIB, where its speed-up was checked; for any other,
 a child process first checks that XLA still accepts it, and if XLA refuses it the run
 goes on without it and says so on stderr: neither dropped silently nor fatal. A value the
 user chose is never overridden.
@@ -25,7 +24,7 @@ MEASURED_JAXLIB = ("0.11.", "0.12.")
 
 
 def accepted(flags: str) -> bool:
-    """Whether XLA:CPU starts with `flags` in XLA_FLAGS (a child process; about 2 s)."""
+    """Whether XLA:CPU starts with `flags` in XLA_FLAGS (a child process, so it costs one jax start-up)."""
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     try:
         done = subprocess.run(

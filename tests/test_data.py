@@ -15,7 +15,7 @@ import pytest
 from configs import default
 from conftest import CIFAR10_ARCHIVE, ROOT
 from resnet_jax import parallel
-from resnet_jax.data import pipeline, registry
+from resnet_jax.data import pipeline, registry, tfds_source
 from resnet_jax.data.dataset import channel_stats, validation_indices
 from resnet_jax.errors import Error
 
@@ -273,6 +273,18 @@ def test_missing_data_without_download(tmp_path):
         registry.load_dataset(data_config(str(tmp_path), download=False))
 
 
+def test_only_cifar_is_prepared_here_another_tfds_data_set_is_named_in_one_line(tmp_path):
+    with pytest.raises(Error) as e:
+        tfds_source.load(data_config(str(tmp_path), name="mnist"))
+    message = str(e.value)
+    assert "\n" not in message and "mnist" in message and "only CIFAR-10 and CIFAR-100 are prepared here" in message
+
+
+def test_a_tfds_data_set_s_image_shape_is_its_registry_entry_s():
+    assert registry.DATASETS["cifar10"].image_shape(None) == (32, 32, 3)
+    assert registry.DATASETS["cifar100"].image_shape(None) == (32, 32, 3)
+
+
 def test_truncated_record_files_give_a_clear_error(small_data_dir, tmp_path):
     import shutil
 
@@ -304,12 +316,12 @@ def test_training_on_array_record_data_never_imports_tensorflow(small_data_dir):
         import jax
         from configs import smoke
         from resnet_jax import parallel, train
-        from resnet_jax.data import pipeline, registry
+        from resnet_jax.data import pipeline, registry, tfds_source
         config = smoke.get_config()
         config.data.data_dir = {small_data_dir!r}
         dataset = registry.load_dataset(config.data)
         setup = train.Setup(config, dataset)
-        state = setup.layout.replicate(setup.initial_state)
+        state = setup.layout.replicate(setup.fresh_state)
         batch = setup.layout.place_batch(pipeline.train_batch(dataset.train_images, dataset.train_labels, 0,
             batch_size=config.batch_size, seed=0))
         state = setup.parallel_train_step()(state, batch)

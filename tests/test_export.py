@@ -62,7 +62,7 @@ def flax_logits(exported, config, dataset):
     """The eval-mode Flax model's logits on every test image, as --mode eval computes them."""
     setup = train.Setup(config, dataset)
     manager = checkpoints.create_manager(exported[0], config.keep_checkpoints, read_only=True)
-    state = checkpoints.restore_for_eval(manager, setup.initial_state, "latest")
+    state = checkpoints.restore_for_eval(manager, setup.fresh_state, "latest")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return np.asarray(state.apply_fn(variables, setup.preprocess_fn(dataset.test_images), train=False))
 

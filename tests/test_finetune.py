@@ -55,7 +55,7 @@ def smoke_setup(num_classes: int) -> train.Setup:
 def random_variables(setup: train.Setup, seed: int) -> dict:
     """Random variables shaped as the setup model's (none equal to its initial ones)."""
     rng = np.random.default_rng(seed)
-    state = setup.initial_state
+    state = setup.fresh_state
     return jax.tree.map(
         lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32),
         {"params": state.params, "batch_stats": state.batch_stats},
@@ -97,7 +97,7 @@ def assert_trees_equal(a, b, skip=()):
 def fine_tune_state(setup, init_from):
     config = setup.config.copy_and_resolve_references()
     config.init_from = str(init_from)
-    return finetune.initial_state(config, setup)
+    return finetune.imported_state(config, setup)
 
 
 @pytest.mark.parametrize("num_classes", [10, 2])
@@ -112,9 +112,9 @@ def test_torchvision_weights_load_from_safetensors(tmp_path, num_classes):
         assert_trees_equal(state.params, source["params"])
     else:  # A new head, initialised as a fresh run's; the rest loaded.
         assert_trees_equal(state.params, source["params"], skip=("head",))
-        assert_trees_equal(state.params["head"], setup.initial_state.params["head"])
+        assert_trees_equal(state.params["head"], setup.fresh_state.params["head"])
     assert int(state.step) == 0
-    for new, fresh in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(setup.initial_state.opt_state)):
+    for new, fresh in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(setup.fresh_state.opt_state)):
         np.testing.assert_array_equal(new, fresh)  # the optimizer starts fresh
 
 

@@ -129,6 +129,6 @@ def test_validation_needs_the_folder(tmp_path):
 
 def test_summary_reads_only_the_class_names(tmp_path):
     root = make_folder(tmp_path / "data", ["bird", "frog", "ship"], train=1, test=1)
-    text = summary.summarize(folder_config(root, image_size=24))
+    text = summary.model_table(folder_config(root, image_size=24))
     assert "for folder (3 classes" in text and "per 24x24 image" in text
     assert folder.class_names(root) == ("bird", "frog", "ship")

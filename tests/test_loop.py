@@ -55,7 +55,7 @@ def metrics(workdir):
 
 def final_state(workdir):
     manager = checkpoints.create_manager(str(workdir), 10, read_only=True)
-    template = train.Setup(tiny_config(), tiny_dataset()).initial_state
+    template = train.Setup(tiny_config(), tiny_dataset()).fresh_state
     return flax.serialization.to_state_dict(checkpoints.restore_latest(manager, template))
 
 
@@ -101,7 +101,7 @@ def test_each_periodic_action_falls_due_as_its_predicate_says():
     due = loop.Due(num_steps=10, log_every=3, eval_every=4, checkpoint_every=5)
     steps = range(1, 11)
     assert [s for s in steps if due.log(s)] == [3, 6, 9, 10]
-    assert [s for s in steps if due.evaluate(s)] == [4, 8, 10]
+    assert [s for s in steps if due.evaluation(s)] == [4, 8, 10]
     assert [s for s in steps if due.checkpoint(s)] == [5, 10]
     assert [s for s in steps if due.stop_check(s)] == list(range(1, 10))  # one process: after every step but the last
 

@@ -34,7 +34,7 @@ def test_sharded_trains_as_pmap_does_on_8_devices(dataset, sync_batch_norm):
         chex.assert_trees_all_close(getattr(sharded, name), getattr(pmap, name), rtol=1e-4, atol=1e-5)
     assert int(sharded.step) == int(pmap.step) == 3
     # Something was learned: the params moved well beyond that tolerance.
-    start = train.Setup(config_for("pmap"), dataset).initial_state.params
+    start = train.Setup(config_for("pmap"), dataset).fresh_state.params
     moved = [
         np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(sharded.params), jax.tree_util.tree_leaves(start))
     ]
@@ -43,9 +43,9 @@ def test_sharded_trains_as_pmap_does_on_8_devices(dataset, sync_batch_norm):
 
 def test_sharded_state_is_one_replicated_global_array_and_the_step_compiles_once(dataset):
     setup = train.Setup(config_for("sharded"), dataset)
-    state = setup.layout.replicate(setup.initial_state)
+    state = setup.layout.replicate(setup.fresh_state)
     kernel = state.params["conv_init"]["kernel"]
-    assert kernel.shape == setup.initial_state.params["conv_init"]["kernel"].shape  # no stacked copies
+    assert kernel.shape == setup.fresh_state.params["conv_init"]["kernel"].shape  # no stacked copies
     assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
     p_train_step = setup.parallel_train_step()
     for batch in setup.train_batches(0, 3):
@@ -61,8 +61,8 @@ def test_both_layouts_evaluate_the_same(dataset):
     reports = {}
     for layout in parallel.LAYOUTS:
         setup = train.Setup(config_for(layout), dataset)
-        state = setup.layout.replicate(setup.initial_state)
-        reports[layout] = loop.evaluate(
+        state = setup.layout.replicate(setup.fresh_state)
+        reports[layout] = loop.evaluate_split(
             setup, setup.parallel_eval_step(), state, dataset.test_images, dataset.test_labels
         )
     pmap, sharded = reports["pmap"], reports["sharded"]

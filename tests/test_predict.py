@@ -59,7 +59,7 @@ def eval_probabilities(smoke_run, config, dataset):
     """Eval mode's view of the test split: the restored checkpoint applied with train=False."""
     setup = train.Setup(config, dataset)
     manager = checkpoints.create_manager(smoke_run, config.keep_checkpoints, read_only=True)
-    state = checkpoints.restore_for_eval(manager, setup.initial_state, "latest")
+    state = checkpoints.restore_for_eval(manager, setup.fresh_state, "latest")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits = state.apply_fn(variables, setup.preprocess_fn(dataset.test_images), train=False)
     return np.asarray(jax.nn.softmax(logits))
@@ -276,7 +276,7 @@ def test_predict_json_reports_errors_as_lines(config, dataset, smoke_run, tmp_pa
 
 
 def reported_params(text: str) -> int:
-    """The parameter total from summarize's closing lines."""
+    """The parameter total from model_table's closing lines."""
     line = next(line for line in text.splitlines() if "trained parameters" in line)
     return int(line.split(": ")[1].split(" trained")[0].replace(",", ""))
 
@@ -290,7 +290,7 @@ def reported_params(text: str) -> int:
 )
 def test_summary_counts_the_registry_models_parameters(get_config, overrides, known):
     config = get_config()
-    text = summary.summarize(config)
+    text = summary.model_table(config)
     model = models.get_model(config.model.name, num_classes=10, **overrides)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False))
     assert reported_params(text) == models.num_params(variables["params"]) == known

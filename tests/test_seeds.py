@@ -20,20 +20,20 @@ def test_seed_lists_and_their_errors():
             seeds.parse(bad)
 
 
-def test_summary_is_mean_and_sample_standard_deviation():
+def test_the_aggregate_is_mean_and_sample_standard_deviation():
     per_seed = {
         0: {"step": 9, "test": 0.70, "validation": 0.60},
         1: {"step": 9, "test": 0.74, "validation": 0.64},
         2: {"step": 9, "test": 0.78, "validation": 0.62},
     }
-    summary = seeds.summarize(per_seed)
-    assert summary["test"] == {"mean": pytest.approx(0.74), "std": pytest.approx(0.04), "n": 3}
-    assert summary["validation"]["std"] == pytest.approx(np.std([0.60, 0.64, 0.62], ddof=1))
-    text = seeds.table(summary, "t")
+    aggregated = seeds.aggregate(per_seed)
+    assert aggregated["test"] == {"mean": pytest.approx(0.74), "std": pytest.approx(0.04), "n": 3}
+    assert aggregated["validation"]["std"] == pytest.approx(np.std([0.60, 0.64, 0.62], ddof=1))
+    text = seeds.table(aggregated, "t")
     assert "| 1 | 9 | 64.00 | 74.00 |" in text and "| mean ± std (n=3) | | 62.00 ± 2.00 | 74.00 ± 4.00 |" in text
     # One seed: no spread to report; a split some seeds lack is left out.
-    assert seeds.summarize({0: {"step": 1, "test": 0.5}})["test"]["std"] == 0.0
-    assert "validation" not in seeds.summarize(
+    assert seeds.aggregate({0: {"step": 1, "test": 0.5}})["test"]["std"] == 0.0
+    assert "validation" not in seeds.aggregate(
         {0: {"step": 1, "test": 0.5, "validation": 0.4}, 1: {"step": 1, "test": 0.6}}
     )
 

@@ -45,7 +45,7 @@ def run_steps(config, dataset, num_devices, steps=3):
     would go unnoticed otherwise)."""
     devices = jax.local_devices()[:num_devices]
     setup = train.Setup(config, dataset)
-    state = setup.layout.replicate(setup.initial_state, devices=devices)
+    state = setup.layout.replicate(setup.fresh_state, devices=devices)
     p_train_step = setup.parallel_train_step(devices=devices)
     for batch in setup.train_batches(0, steps, devices):
         state = p_train_step(state, batch)
@@ -72,7 +72,7 @@ def test_eight_devices_equal_one_device_with_sync_batch_norm(dataset):
     chex.assert_trees_all_close(eight.params, one.params, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(eight.batch_stats, one.batch_stats, rtol=1e-4, atol=1e-5)
     # Something was learned: the params moved well beyond that tolerance.
-    start = train.Setup(config, dataset).initial_state.params
+    start = train.Setup(config, dataset).fresh_state.params
     assert (
         max(
             np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(start))
@@ -99,7 +99,7 @@ def test_weight_average_follows_its_formula_and_is_identical_on_1_and_8_devices(
     config = smoke.get_config()
     config.ema_decay = 0.9
     one = run_steps(config, dataset, 1, steps=1)
-    start = train.Setup(config, dataset).initial_state
+    start = train.Setup(config, dataset).fresh_state
     # The first update's decay is min(0.9, (1 + 0) / (10 + 0)) = 0.1.
     expected = jax.tree_util.tree_map(lambda e, p: 0.1 * e + 0.9 * p, start.ema["params"], one.params)
     chex.assert_trees_all_close(one.ema["params"], expected, rtol=1e-6, atol=1e-7)
@@ -116,7 +116,7 @@ def test_weight_average_follows_its_formula_and_is_identical_on_1_and_8_devices(
     # Evaluation applies the average.
     assert train.eval_variables(one) is one.ema
     config.ema_decay = 0.0
-    assert train.Setup(config, dataset).initial_state.ema is None
+    assert train.Setup(config, dataset).fresh_state.ema is None
 
 
 @pytest.mark.multidevice
@@ -221,7 +221,7 @@ def test_resnet9_learns_a_repeated_batch():
     dataset = synthetic_dataset(n=32)  # one batch, seen every step
     devices = jax.local_devices()[:1]
     setup = train.Setup(config, dataset)
-    state = setup.layout.replicate(setup.initial_state, devices=devices)
+    state = setup.layout.replicate(setup.fresh_state, devices=devices)
     p_train_step = setup.parallel_train_step(devices=devices)
     loss_sums = []
     for batch in setup.train_batches(0, 8, devices):
@@ -273,7 +273,7 @@ def final_state(workdir, data_dir):
     config.data.data_dir, config.ema_decay = data_dir, 0.9
     setup = train.Setup(config, registry.load_dataset(config.data))
     manager = checkpoints.create_manager(str(workdir), 3, read_only=True)
-    return checkpoints.restore_latest(manager, setup.initial_state)
+    return checkpoints.restore_latest(manager, setup.fresh_state)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
     registry     the data sets `data.name` names: loader, number of classes, image shape, splits
     dataset      the in-memory Dataset, its validation hold-out and channel statistics
-    tfds_source  CIFAR-10/100 through tfds (array_record, no TensorFlow to read)
+    tfds_source  tfds data sets (array_record, no TensorFlow to read); CIFAR-10/100 prepared from their archives
     folder       image folders, train/<class>/ and test/<class>/
     images       one image file to uint8 RGB (folders and --mode predict)
     pipeline     batches as pure functions of (seed, step), augmentation and normalisation, Mixup/CutMix

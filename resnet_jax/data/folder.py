@@ -8,7 +8,7 @@ orientation, transparency on white, the centred largest square, Lanczos to
 `data.image_size`), into the same in-memory uint8 arrays as a tfds split: everything
 after loading (batching, augmentation, normalisation, eval, predict, export) is unchanged.
 Class names are the folder names, sorted: label i is the i-th name. Images are decoded in
-one thread: two were no faster (README, "Train on your own images").
+one thread: more threads do not decode faster (docs/measurements.md).
 """
 
 import os

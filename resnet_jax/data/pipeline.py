@@ -57,7 +57,7 @@ def train_batch(
     `mix`, each row also carries its `partner`'s image, label and position, read here from the
     global batch's indices: the host holds the whole split, so no device needs another's rows,
     and the partner is augmented on the device by its own position, exactly as its own row is
-    (what the extra image costs: README, "Mixup and CutMix, measured").
+    (the cost of the extra image: docs/measurements.md).
     """
     idx = train_indices(step, num_examples=len(images), batch_size=batch_size, seed=seed)
     positions = np.arange(batch_size, dtype=np.int32)[part]

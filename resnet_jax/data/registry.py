@@ -1,16 +1,16 @@
 """The data sets `data.name` can name, and what the rest of the package knows of each before
 loading it: its loader, its number of classes, its image shape and its split names.
 
-A new data set is one entry here (and, for a new kind of source, one module beside
-`tfds_source` and `folder`): config checks, `--mode summary` and training all read this table.
+A new tfds data set is one entry here (prepared beforehand unless it is CIFAR-10 or CIFAR-100,
+which `tfds_source` prepares from their official archives); a new kind of source is also one
+module beside `tfds_source` and `folder`. Config checks, `--mode summary` and training all read
+this table.
 """
 
 import dataclasses
 from typing import Callable, Tuple
 
 from resnet_jax.data import dataset, folder, tfds_source
-
-CIFAR_SHAPE = (32, 32, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,13 +21,14 @@ class Source:
     splits: Tuple[str, str] = dataset.SPLITS  # the split trained on, then the one evaluated
 
 
-def _tfds(num_classes: int) -> Source:
-    return Source(load=tfds_source.load, num_classes=lambda _: num_classes, image_shape=lambda _: CIFAR_SHAPE)
+def _tfds(num_classes: int, image_shape: Tuple[int, int, int]) -> Source:
+    """A tfds data set, whose number of classes and image shape are fixed."""
+    return Source(load=tfds_source.load, num_classes=lambda _: num_classes, image_shape=lambda _: image_shape)
 
 
 DATASETS = {
-    "cifar10": _tfds(10),
-    "cifar100": _tfds(100),
+    "cifar10": _tfds(10, (32, 32, 3)),
+    "cifar100": _tfds(100, (32, 32, 3)),
     "folder": Source(
         load=folder.load,
         num_classes=lambda data_config: len(folder.class_names(data_config.folder)),

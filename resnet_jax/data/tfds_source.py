@@ -1,9 +1,10 @@
-"""tfds data sets (CIFAR-10, CIFAR-100): opened, prepared on first use when allowed, and read
-whole into host memory as uint8, all without TensorFlow.
+"""tfds data sets: opened, prepared on first use when allowed, and read whole into host memory
+as uint8, all without TensorFlow.
 
-Preparing takes the official archive (data.archive, or downloaded and checksummed by tfds's
-download manager into DATA_DIR/downloads) and writes what tfds's own CIFAR builders write
-(cifar_archive, tfds_format); reading goes through `tfds.data_source` (array_record).
+Only CIFAR-10 and CIFAR-100 are prepared here: from the official archive (data.archive, or
+downloaded and checksummed by tfds's download manager into DATA_DIR/downloads), written as
+tfds's own CIFAR builders write them (cifar_archive, tfds_format). Any other tfds data set must
+be prepared beforehand. Reading goes through `tfds.data_source` (array_record).
 """
 
 import importlib.util
@@ -72,6 +73,13 @@ def _prepare(builder, data_config) -> None:
     """Writes the data set into data_dir from its official archive: data.archive if set, else
     downloaded, failing fast (not hanging) without network. Written aside, then moved into
     place, so an interrupted preparation leaves no half data set."""
+    if builder.name not in cifar_archive.ARCHIVES:
+        raise Error(
+            f"data set {builder.name} {builder.version} is not prepared in {builder.data_dir}, and only CIFAR-10 "
+            f"and CIFAR-100 are prepared here. Fix: prepare it with tfds (tfds build {builder.name} "
+            f"--data_dir {_data_dir(builder)} --file_format array_record), or point --config.data.data_dir at "
+            f"a folder holding a prepared copy"
+        )
     archive = data_config.archive
     if not archive:
         archive = _download(builder, data_config)
