@@ -34,7 +34,7 @@ def get_config():
     config.data.normalization = "dataset"  # "dataset": per-channel mean/std of the train split; "half": (x-0.5)/0.5
 
     config.batch_size = 512  # global training batch, over all devices of all hosts
-    config.eval_batch_size = 256  # global evaluation batch (a larger one raises peak memory: README, "Memory")
+    config.eval_batch_size = 256  # global evaluation batch (a larger one raises peak memory: docs/measurements.md)
     config.num_epochs = 30.0  # length of training in epochs (ignored when num_train_steps > 0)
     config.num_train_steps = -1  # length of training in steps; -1: derived from num_epochs
 

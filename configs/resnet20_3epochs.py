@@ -1,4 +1,4 @@
-"""A short modern recipe for ResNet-20, the one the README's seed and EMA/TTA figures are
+"""A short modern recipe for ResNet-20, the one docs/measurements.md's seed and EMA/TTA figures are
 measured with: batch 128, Nesterov momentum, half an epoch of warmup then cosine decay
 from a peak lr of 0.2, weight decay 5e-4, label smoothing 0.1, crop + flip, 3 epochs on
 all 50,000 train images (no validation split: nothing is selected, the last step is reported)."""
