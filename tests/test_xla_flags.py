@@ -35,7 +35,8 @@ def test_leaves_runs_without_the_cpu_alone(tested_jaxlib, platforms):
 
 def test_the_installed_jaxlib_is_measured_and_its_xla_takes_the_flag():
     """Fails on a jaxlib the flag was not measured with (a new lock file, a new leg): measure it
-    (docs/measurements.md, "The XLA:CPU flag"), then add it to MEASURED_JAXLIB; and fails if this XLA refuses the flag."""
+    (docs/measurements.md, "The XLA:CPU flag"), then add it to MEASURED_JAXLIB; and fails if
+    this XLA refuses the flag."""
     version = importlib.metadata.version("jaxlib")
     assert version.startswith(xla_flags.MEASURED_JAXLIB), f"jaxlib {version} is not in MEASURED_JAXLIB"
     environ = {}
