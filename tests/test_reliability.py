@@ -102,11 +102,16 @@ def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tm
         assert steps_on_disk(workdir), "a kill lost every checkpoint"
     assert (workdir / "lock").exists()  # stale: its process is dead
 
+    # Checkpoint folders are named by their step only once complete (orbax renames them then): the
+    # newest one on disk is the step the restart must resume from, with nothing skipped.
+    newest = steps_on_disk(workdir)[-1]
     result = run_cli(
         *args(tiny_data_dir, workdir, 40, "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2")
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from the checkpoint at step" in result.stderr
+    assert f"resumed from the checkpoint at step {newest}\n" in result.stderr, result.stderr[-3000:]
+    assert "unusable" not in result.stderr  # no checkpoint skipped by the fallback ...
+    assert not (workdir / "unusable_checkpoints").exists()  # ... nor quarantined
     leftovers = [d for d in os.listdir(workdir / "checkpoints") if not d.isdigit()]
     assert leftovers == []  # partial saves were cleaned up
     assert steps_on_disk(workdir)[-1] == 40
