@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, finish, flags_launch, run_cli, start_processes, wait_until
@@ -318,6 +319,21 @@ def test_config_change_that_breaks_resume_is_refused(ten_steps, tiny_data_dir, t
     # Harmless changes (the learning rate, the length) resume as usual.
     result = run_cli(*args(tiny_data_dir, workdir, 30, "--config.learning_rate=0.05"))
     assert result.returncode == 0 and steps_on_disk(workdir) == [10, 20, 30], result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_config_change_with_allow_config_change_resumes_and_trains_on(ten_steps, tiny_data_dir, tmp_path):
+    workdir = copy_of(ten_steps, tmp_path)
+    result = run_cli(*args(tiny_data_dir, workdir, 30, "--config.batch_size=32", "--config.allow_config_change=True"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from the checkpoint at step 20\n" in result.stderr, result.stderr[-3000:]
+    assert steps_on_disk(workdir) == [10, 20, 30]
+    records = read_metrics(str(workdir / "metrics.jsonl"))
+    assert [r["step"] for r in records if r["split"] == "train"] == [5, 10, 15, 20, 25, 30]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    # It trained on at the new batch size: 32 of the 640 images a step, 20 steps an epoch.
+    assert [r["epoch"] for r in records if r["split"] == "train"][-2:] == [25 / 20, 30 / 20]
+    assert json.loads((workdir / "config.json").read_text())["batch_size"] == 32
 
 
 @pytest.mark.slow
