@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_jax import checkpoints, loop, train
+from resnet_jax import checkpoints, evaluate, loop, train
 from resnet_jax.data.dataset import Dataset, hold_out_validation
 from resnet_jax.workdir import read_metrics
 
@@ -144,3 +144,42 @@ def test_a_checkpoint_of_one_layout_resumes_under_the_other(runs, tmp_path):
     assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in reference]
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-4)
     chex.assert_trees_all_close(final_state(workdir), final_state(runs["uninterrupted"]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_best_checkpoint_outlives_the_keep_window_and_eval_best_evaluates_it(tmp_path):
+    """The best checkpoint (by validation accuracy) is an early one, with more than keep_checkpoints
+    saved after it: it stays on disk outside the window of the latest, and eval_checkpoint_step=best
+    restores it, not the latest."""
+    config = tiny_config()
+    # An evaluation, and so a checkpoint with its validation accuracy, every 2 steps (2, 4, 6, 8);
+    # no other checkpoints. The 2 latest are kept, and the best.
+    config.eval_every_epochs, config.checkpoint_every_steps, config.keep_checkpoints = 0.5, 100, 2
+    # Which step is best is forced: the validation accuracy the loop sees is scripted per step (its
+    # own metrics log records the same), highest at step 2, and second highest at the latest.
+    scripted = {2: 0.9, 4: 0.5, 6: 0.6, 8: 0.7}
+    real_evaluate_split = loop.evaluate_split
+
+    def evaluate_split(setup, p_eval_step, state, images, labels):
+        result = real_evaluate_split(setup, p_eval_step, state, images, labels)
+        if images is setup.dataset.validation_images:
+            result["accuracy"] = scripted[int(setup.layout.unreplicate(state.step))]
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "evaluate_split", evaluate_split)
+        assert loop.train_and_evaluate(config, str(tmp_path), tiny_dataset()) is True
+    validation = [(r["step"], r["accuracy"]) for r in metrics(tmp_path) if r["split"] == "validation"]
+    assert validation == sorted(scripted.items())
+    best = max(validation, key=lambda r: r[1])[0]
+    assert best == 2
+
+    on_disk = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert on_disk == [2, 6, 8]  # the best, older than the keep window [6, 8], is still there
+    manager = checkpoints.create_manager(str(tmp_path), config.keep_checkpoints, read_only=True)
+    assert manager.best_step() == best != manager.latest_step() == 8
+    manager.close()
+
+    config.eval_checkpoint_step = "best"
+    report = evaluate.evaluate_checkpoint(config, str(tmp_path), tiny_dataset())
+    assert report["step"] == best
+    assert os.path.exists(tmp_path / f"eval_{best}.json")
