@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -400,21 +401,28 @@ def test_eval_mode_reproduces_the_last_training_evaluation(trained, tiny_data_di
     assert np.array(report["confusion_matrix"]).sum() == 100 and report["validation"]["num_examples"] == 100
 
 
-def stop_with_sigterm(data_dir, workdir, *extra) -> int:
-    """Starts a smoke run in `workdir`, sends it SIGTERM after step 15 is logged; returns the step it stopped at."""
+def stop_with_signal(data_dir, workdir, *extra, sig=signal.SIGTERM) -> int:
+    """Starts a smoke run in `workdir`, sends it `sig` after step 15 is logged; returns the step it stopped at."""
     cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(data_dir, workdir), *RECIPE, *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = workdir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and '"step": 15' in metrics.read_text(), 240)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     try:
         stdout, stderr = process.communicate(timeout=240)
     finally:
         process.kill()
     assert process.returncode == 0, stderr[-3000:]
-    assert "stopped by SIGTERM at step" in stdout and "Resume with: python run.py --config configs/smoke.py" in stdout
-    stopped_at = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    stops = [line for line in stdout.splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 1, stdout[-3000:]
+    match = re.fullmatch(
+        rf"stopped by {sig.name} at step (\d+); checkpoint saved\. "
+        rf"Resume with: python run\.py --config configs/smoke\.py --workdir {re.escape(str(workdir))}",
+        stops[0],
+    )
+    assert match, stops[0]
+    stopped_at = int(match.group(1))
     assert 15 <= stopped_at < STEPS
     assert str(stopped_at) in os.listdir(workdir / "checkpoints")
     return stopped_at
@@ -432,7 +440,7 @@ def strip(records):
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir, tmp_path):
     workdir = tmp_path / "interrupted"
-    stop_with_sigterm(tiny_data_dir, workdir)
+    stop_with_signal(tiny_data_dir, workdir)
     result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = read_metrics(str(workdir / "metrics.jsonl"))
@@ -444,9 +452,20 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(trained, tiny_data_dir
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_resumed_run_continues_from_its_checkpoint(trained, tiny_data_dir, tmp_path):
+    workdir = tmp_path / "interrupted"
+    stopped_at = stop_with_signal(tiny_data_dir, workdir, sig=signal.SIGINT)  # what Ctrl-C sends
+    result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from the checkpoint at step {stopped_at}\n" in result.stderr, result.stderr[-3000:]
+    resumed = read_metrics(str(workdir / "metrics.jsonl"))
+    assert strip(resumed) == strip(read_metrics(os.path.join(trained, "metrics.jsonl")))
+
+
+@pytest.mark.slow
 def test_the_sharded_layout_resumes_a_pmap_checkpoint_then_evaluates_and_exports(trained, tiny_data_dir, tmp_path):
     workdir, sharded = tmp_path / "layouts", "--config.parallel=sharded"
-    stop_with_sigterm(tiny_data_dir, workdir)  # under pmap, the default
+    stop_with_signal(tiny_data_dir, workdir)  # under pmap, the default
     result = run_cli(*smoke_args(tiny_data_dir, workdir), *RECIPE, sharded)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed, reference = (
