@@ -463,6 +463,32 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_run_continues_from_its_checkpoint(
 
 
 @pytest.mark.slow
+def test_the_default_workdir_is_runs_slash_the_config_stem_under_the_current_directory(tiny_data_dir, tmp_path):
+    in_repo = os.path.join(ROOT, "runs", "smoke")
+    existed = os.path.exists(in_repo)
+    result = run_cli(
+        "--config",
+        os.path.join(ROOT, "configs", "smoke.py"),
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.num_train_steps=2",
+        "--config.log_every_steps=1",
+        "--config.eval_every_epochs=100",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = tmp_path / "runs" / "smoke"
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == ["smoke"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    assert [(r["step"], r["split"]) for r in read_metrics(str(workdir / "metrics.jsonl"))] == [
+        (1, "train"),
+        (2, "train"),
+        (2, "test"),
+    ]
+    assert json.load(open(workdir / "config.json"))["model"]["name"] == "resnet8"
+    assert os.path.exists(in_repo) == existed  # nothing written into the repository
+
+
+@pytest.mark.slow
 def test_the_sharded_layout_resumes_a_pmap_checkpoint_then_evaluates_and_exports(trained, tiny_data_dir, tmp_path):
     workdir, sharded = tmp_path / "layouts", "--config.parallel=sharded"
     stop_with_signal(tiny_data_dir, workdir)  # under pmap, the default
