@@ -405,7 +405,17 @@ def stop_with_signal(data_dir, workdir, *extra, sig=signal.SIGTERM) -> int:
     """Starts a smoke run in `workdir`, sends it `sig` after step 15 is logged; returns the step it stopped at."""
     cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(data_dir, workdir), *RECIPE, *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        # As from a terminal: a shell starts background jobs (pytest ... &) with SIGINT ignored, and a
+        # child would inherit that, and never see the Ctrl-C this sends.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     metrics = workdir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and '"step": 15' in metrics.read_text(), 240)
     process.send_signal(sig)
