@@ -234,16 +234,33 @@ def test_the_mix_draw_is_a_pure_function_of_seed_and_step():
     assert all(lam == 1 and (weight == 1).all() for lam, weight in (draw(0, s, mix_prob=0.0) for s in range(5)))
 
 
-def test_cutout_erases_a_square_after_normalisation():
-    images = jnp.full((4, 16, 16, 3), 200, jnp.uint8)
-    config = ml_collections.ConfigDict(dict(crop_padding=0, padding_mode="zero", cutout=6))
+@pytest.mark.parametrize("side", [6, 5])
+def test_cutout_erases_a_square_after_normalisation(side):
+    size, n = 16, 64
+    images = jnp.full((n, size, size, 3), 200, jnp.uint8)
+    config = ml_collections.ConfigDict(dict(crop_padding=0, padding_mode="zero", cutout=side))
     out = pipeline.preprocess(
-        images, [100.0] * 3, [50.0] * 3, jnp.float32, key=jax.random.key(0), positions=jnp.arange(4), data_config=config
+        images, [100.0] * 3, [50.0] * 3, jnp.float32, key=jax.random.key(0), positions=jnp.arange(n), data_config=config
     )
+    clipped = 0
     for x in np.asarray(out):
+        assert set(np.unique(x)) <= {0.0, 2.0}  # erased after normalising: 0, not (0 - 100) / 50
         erased = (x == 0).all(-1)
-        assert 0 < erased.sum() <= 36
-        assert set(np.unique(x)) <= {0.0, 2.0}
+        assert erased.any()
+        assert (erased == (x == 0).any(-1)).all()  # every channel of a pixel, or none
+        rows, cols = np.flatnonzero(erased.any(1)), np.flatnonzero(erased.any(0))
+        # Exactly one axis-aligned box: its bounding box is erased whole, and nothing else is.
+        box = np.zeros_like(erased)
+        box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        np.testing.assert_array_equal(erased, box)
+        # Of side `side`, but where its centre lies near a border: clipped there, never below
+        # the half that lies on the centre's side.
+        for start, extent in ((rows.min(), len(rows)), (cols.min(), len(cols))):
+            if extent != side:
+                clipped += 1
+                assert side - side // 2 <= extent < side
+                assert start == 0 or start + extent == size
+    assert 0 < clipped < n  # both kinds of box were seen
 
 
 def test_preprocess_normalises_and_follows_the_dtype():

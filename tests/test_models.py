@@ -67,7 +67,11 @@ def test_resnet9_residuals_start_as_identities_with_zero_init_residual():
 def test_every_model_maps_32x32_images_to_logits(name):
     model = models.get_model(name, num_classes=7)
     variables = abstract_variables(model)
-    logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, jnp.zeros((2, 32, 32, 3)))
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    # Compiled, as the zoo marker promises (XLA, not only shape inference), from abstract
+    # arguments: no weights are made. The eval forward pass, the cheapest whole-model program.
+    compiled = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
+    logits = compiled.out_info
     chex.assert_shape(logits, (2, 7))
     assert logits.dtype == jnp.float32
 
@@ -137,17 +141,30 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_stats():
     np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-3)
 
 
+def init_params(model):
+    # Not jitted: op by op is faster here than compiling a whole ResNet-18 init.
+    return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+
+
 def test_kaiming_fan_out_init_and_zero_init_residual():
-    model = models.get_model("resnet18", num_classes=10, stem="cifar", zero_init_residual=True)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
-    kernel = params["stage2_block1"]["conv2"]["kernel"]  # 3x3x128x128
-    np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / (3 * 3 * 128)), rtol=0.05)
+    params = init_params(models.get_model("resnet18", num_classes=10, stem="cifar", zero_init_residual=True))
+    # Kernels whose fan_in and fan_out differ (the widening convs and the projection), so that
+    # only fan_out's variance fits: torch's kaiming_normal_(mode="fan_out"), 2 / (kh * kw * out).
+    # A fan_in init has twice that variance here, far outside the 10%.
+    for block, conv in [("stage2_block1", "conv1"), ("stage2_block1", "proj_conv"), ("stage3_block1", "conv1")]:
+        kernel = np.asarray(params[block][conv]["kernel"], np.float64)
+        kh, kw, fan_in_channels, out_channels = kernel.shape
+        assert fan_in_channels != out_channels
+        variance = kernel.var()
+        np.testing.assert_allclose(variance, 2.0 / (kh * kw * out_channels), rtol=0.1, err_msg=f"{block}/{conv}")
+        assert abs(kernel.mean()) < 0.05 * np.sqrt(variance)
+        # Normal, not uniform (kurtosis 1.8) nor truncated normal (2.4 when cut at 2 sigma).
+        kurtosis = np.mean((kernel - kernel.mean()) ** 4) / variance**2
+        assert abs(kurtosis - 3.0) < 0.25, (block, conv, kurtosis)
     np.testing.assert_array_equal(params["stage2_block1"]["bn2"]["scale"], 0.0)
     np.testing.assert_array_equal(params["stage2_block1"]["bn1"]["scale"], 1.0)
     np.testing.assert_array_equal(params["stage2_block1"]["bn1"]["bias"], 0.0)
-    default = models.get_model("resnet18", num_classes=10).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
-    )["params"]
+    default = init_params(models.get_model("resnet18", num_classes=10))
     np.testing.assert_array_equal(default["stage2_block1"]["bn2"]["scale"], 1.0)
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_predict import smoke_run_workdir
@@ -54,18 +55,51 @@ def assert_curves_png(workdir):
         image.load()
 
 
+# How wide (in pixels) the drawn data must span in a panel of curves.png: a curve runs across most
+# of its axes (about 300 px of the panel's 400); a lone point is a marker apart from its legend
+# entry. A legend entry's line sample alone spans 28 px, so a figure with legends but no data fails.
+CURVE, POINT = 200, 60
+
+
+def coloured_spans(workdir):
+    """How many pixel columns the coloured pixels of each panel (loss, accuracy, learning rate)
+    of curves.png span, from the leftmost to the rightmost: the curves, markers and legend
+    samples. Everything else matplotlib draws (axes, text, grid, legend frame) is grey."""
+    with Image.open(os.path.join(workdir, "curves.png")) as image:
+        pixels = np.asarray(image.convert("RGB"), np.int32)
+    coloured = pixels.max(-1) - pixels.min(-1) > 60
+    spans = []
+    for panel in np.split(coloured, 3, axis=1):  # three subplots side by side, a third of the width each
+        columns = np.flatnonzero(panel.any(0))
+        spans.append(columns.max() - columns.min() + 1 if len(columns) else 0)
+    return spans
+
+
 def test_curves_are_a_png_of_the_figure_size(tmp_path):
     write_metrics(tmp_path, [train_record(s) for s in (5, 10, 15, 20)] + [eval_record(10), eval_record(20)])
     assert plots.plot_curves(str(tmp_path)) == str(tmp_path / "curves.png")
     assert_curves_png(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["curves.png", "metrics.jsonl"]  # no temporary file left behind
+    loss, accuracy, learning_rate = coloured_spans(tmp_path)
+    assert min(loss, accuracy, learning_rate) > CURVE, (loss, accuracy, learning_rate)
 
 
-@pytest.mark.parametrize("records", [[train_record(5)], [train_record(5), train_record(10)], [eval_record(10)]])
-def test_a_run_without_test_or_train_records_yet_is_drawn(tmp_path, records):
+@pytest.mark.parametrize(
+    "records,span",
+    [
+        ([train_record(5)], POINT),  # a lone train point is marked
+        ([train_record(5), train_record(10)], CURVE),
+        ([eval_record(10)], POINT),  # test points are marked
+    ],
+)
+def test_a_run_without_test_or_train_records_yet_is_drawn(tmp_path, records, span):
     write_metrics(tmp_path, records, tail='{"step": 15, "epoch": 1.5, "spl')  # a torn last line
     plots.plot_curves(str(tmp_path))
     assert_curves_png(tmp_path)
+    loss, accuracy, learning_rate = coloured_spans(tmp_path)
+    assert min(loss, accuracy) > span, (loss, accuracy)
+    if len(records) > 1:  # the learning rate of two train records is a line (of one, nothing shows)
+        assert learning_rate > CURVE, learning_rate
 
 
 def test_no_metrics_is_a_clear_error(tmp_path):
@@ -89,3 +123,4 @@ def test_main_redraws_a_finished_runs_curves(tiny_data_dir, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"wrote {os.path.join(workdir, 'curves.png')}"
     assert_curves_png(workdir)
+    assert min(coloured_spans(workdir)) > CURVE
