@@ -1,8 +1,13 @@
 """init_from: fine-tuning from another run's checkpoint or torchvision-style PyTorch weights."""
 
 import functools
+import importlib.util
+import io
 import json
 import os
+import pickle
+import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -118,26 +123,71 @@ def test_torchvision_weights_load_from_safetensors(tmp_path, num_classes):
         np.testing.assert_array_equal(new, fresh)  # the optimizer starts fresh
 
 
-def test_torch_load_reads_weights_only(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch is not installed: docs/measurements.md, 'The PyTorch side'")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+# Written once by torch (tests/fixtures/make_torch_pt.py): a tiny state_dict, and one whose pickle
+# also holds a call of os.makedirs(EVIL_MARKER), a directory made wherever it is unpickled.
+WEIGHTS_PT, EVIL_PT = os.path.join(FIXTURES, "weights.pt"), os.path.join(FIXTURES, "evil.pt")
+EVIL_MARKER = "unpickled_by_torch_load"
+
+
+def unpickle_as_a_plain_loader_would(path):
+    """The pickle inside a torch .pt file, loaded by the standard unpickler (tensors as None):
+    what a loader without weights_only=True does, torch or not."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            return (lambda *args: None) if module.startswith("torch") else super().find_class(module, name)
+
+        def persistent_load(self, pid):
+            return None
+
+    with zipfile.ZipFile(path) as archive:
+        [data] = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        return Unpickler(io.BytesIO(archive.read(data))).load()
+
+
+def test_torch_load_reads_weights_only(tmp_path, monkeypatch):
+    """Runs with and without torch: a .pt is never unpickled without weights_only=True."""
+    monkeypatch.chdir(tmp_path)  # where EVIL_MARKER would appear
+    marker = tmp_path / EVIL_MARKER
+    # The evil fixture is evil: unpickled plainly, its payload runs.
+    assert set(unpickle_as_a_plain_loader_would(EVIL_PT)) == {"conv1.weight", "extra"} and marker.is_dir()
+    marker.rmdir()
+
+    # Without torch: one line that says torch is needed and how to do without, and nothing unpickled.
+    with monkeypatch.context() as no_torch:
+        no_torch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as where it is absent
+        for path in (WEIGHTS_PT, EVIL_PT):
+            with pytest.raises(Error) as raised:
+                finetune.read_state_dict(path)
+            assert str(raised.value) == (
+                f"reading the PyTorch file {path} needs torch (pip install torch); or save the state_dict with "
+                "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors') and use that file"
+            )
+    assert not marker.exists()
+    if importlib.util.find_spec("torch") is None:
+        return  # CI: the rest needs torch itself
+
+    import torch
+
+    # With torch: the tensors as NumPy (floating ones as float32), and the payload refused unrun.
+    weights = finetune.read_state_dict(WEIGHTS_PT)
+    assert set(weights) == {"conv1.weight", "bn1.num_batches_tracked"}
+    assert weights["conv1.weight"].dtype == np.float32 and weights["bn1.num_batches_tracked"].dtype == np.int64
+    np.testing.assert_array_equal(weights["conv1.weight"], np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1) / 2)
+    assert weights["bn1.num_batches_tracked"] == 7
+    with pytest.raises(
+        Error, match=r"cannot read .*evil\.pt as a state_dict of tensors with torch\.load\(weights_only=True\)"
+    ):
+        finetune.read_state_dict(EVIL_PT)
+    assert not marker.exists()
+
+    # And a whole ResNet's state_dict, saved by torch now, fine-tunes as its safetensors twin does.
     source = random_variables(smoke_setup(10), seed=2)
     state_dict = torchvision_state_dict(source, (1, 1, 1))
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / "weights.pt")
     state = fine_tune_state(smoke_setup(10), tmp_path / "weights.pt")
     assert_trees_equal(state.params, source["params"])
-
-    marker = tmp_path / "unpickled"
-
-    class Payload:  # Unpickling it would create `marker`.
-        def __reduce__(self):
-            return open, (str(marker), "w")
-
-    torch.save({"conv1.weight": torch.zeros(1), "extra": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(
-        Error, match=r"cannot read .*evil\.pt as a state_dict of tensors with torch\.load\(weights_only=True\)"
-    ):
-        fine_tune_state(smoke_setup(10), tmp_path / "evil.pt")
-    assert not marker.exists()
 
 
 def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tmp_path):
