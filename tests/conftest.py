@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,11 +35,38 @@ from resnet_jax.data import tfds_writer  # noqa: E402
 CIFAR10_ARCHIVE = os.environ.get("CIFAR10_ARCHIVE", os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.tar.xz"))
 
 
+def archive_line() -> str:
+    """Whether the tests' images are CIFAR-10's (as .ci/run says at its start too)."""
+    path = os.path.abspath(CIFAR10_ARCHIVE)
+    if os.path.exists(path):
+        return f"CIFAR-10 JPEG archive: found at {path}"
+    return f"CIFAR-10 JPEG archive: absent ({path}): tests use synthetic images"
+
+
+def pytest_report_header(config):
+    return archive_line()
+
+
+class SyntheticImagesWarning(UserWarning):
+    """The tests' data sets are synthetic stand-ins: CIFAR10_ARCHIVE does not exist."""
+
+
+_said_synthetic = False
+
+
 def cifar10_splits(sizes):
     """CIFAR-10 splits of `sizes` ({split: count}) class-balanced images: real ones from
-    CIFAR10_ARCHIVE if it exists, else synthetic ones."""
+    CIFAR10_ARCHIVE if it exists, else synthetic ones, saying so once per session (a warning in
+    pytest's summary, -q or not)."""
+    global _said_synthetic
     if os.path.exists(CIFAR10_ARCHIVE):
         return tfds_writer.read_archive(CIFAR10_ARCHIVE, sizes)
+    if not _said_synthetic:
+        _said_synthetic = True
+        warnings.warn(
+            SyntheticImagesWarning(f"{archive_line()} (set CIFAR10_ARCHIVE to the archive for real ones)"),
+            stacklevel=2,
+        )
     return tfds_writer.synthetic(10, sizes)
 
 

@@ -4,11 +4,15 @@ over it, a one-process job staying one process, and a lost process's computation
 import os
 import re
 import shlex
+import sys
 import warnings
+from types import SimpleNamespace
 
 import jax
 import pytest
 import yaml
+from jax._src import clusters
+from jax._src.clusters import k8s_cluster
 
 from conftest import ROOT, finish, free_port, start_processes
 from resnet_jax import cluster
@@ -66,6 +70,106 @@ def test_a_pod_outside_an_indexed_job_runs_alone_and_quietly(no_cluster):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # jax warns when the kubernetes package is missing
         assert cluster.detect() is None
+
+
+def indexed_job_pod(no_cluster, index, parallelism=None, ip="10.1.0.7"):
+    """Pod `index` of the Indexed Job of examples/k8s-indexed-job.yaml: the environment Kubernetes
+    gives it and, in place of the API server, a `kubernetes` package answering with that Job, its
+    headless Service and this pod (`parallelism` in place of the manifest's). jax's K8sCluster reads
+    the rest from them. Returns the manifests."""
+    with open(os.path.join(ROOT, "examples", "k8s-indexed-job.yaml")) as f:
+        manifests = {doc["kind"]: doc for doc in yaml.safe_load_all(f)}
+    job, service = manifests["Job"], manifests["Service"]
+    name = job["metadata"]["name"]
+    no_cluster.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    no_cluster.setenv("JOB_COMPLETION_INDEX", str(index))
+    no_cluster.setenv("HOSTNAME", f"{name}-{index}-x7k2p")
+
+    pod = SimpleNamespace(
+        metadata=SimpleNamespace(
+            name=f"{name}-{index}-x7k2p",
+            labels={"job-name": name, "batch.kubernetes.io/job-completion-index": str(index)},
+            owner_references=[SimpleNamespace(kind="Job", name=name, controller=True)],
+        ),
+        spec=SimpleNamespace(subdomain=job["spec"]["template"]["spec"]["subdomain"]),
+    )
+    job_object = SimpleNamespace(
+        metadata=SimpleNamespace(name=name, labels={"job-name": name}),
+        spec=SimpleNamespace(parallelism=parallelism or job["spec"]["parallelism"]),
+    )
+    service_object = SimpleNamespace(
+        metadata=SimpleNamespace(name=service["metadata"]["name"]),
+        spec=SimpleNamespace(cluster_ip=service["spec"]["clusterIP"], selector=service["spec"]["selector"]),
+    )
+
+    class CoreV1Api:
+        def list_namespaced_pod(self, namespace, field_selector):
+            assert namespace == "training" and field_selector == f"status.podIP={ip}"
+            return SimpleNamespace(items=[pod])
+
+        def list_namespaced_service(self, namespace):
+            return SimpleNamespace(items=[service_object])
+
+    class BatchV1Api:
+        def read_namespaced_job(self, name, namespace):
+            assert (name, namespace) == (job_object.metadata.name, "training")
+            return job_object
+
+    client = SimpleNamespace(
+        CoreV1Api=CoreV1Api, BatchV1Api=BatchV1Api, exceptions=SimpleNamespace(ApiException=type("E", (Exception,), {}))
+    )
+    no_cluster.setitem(
+        sys.modules,
+        "kubernetes",
+        SimpleNamespace(config=SimpleNamespace(load_incluster_config=lambda: None), client=client),
+    )
+    # The pod's own IP, and the coordinator's name once its pod is up; no DNS, no API server.
+    coordinator = f"{name}-0.{service['metadata']['name']}"
+    no_cluster.setattr(
+        k8s_cluster.socket, "gethostbyname", lambda host: {pod.metadata.name: ip, coordinator: "10.1.0.5"}[host]
+    )
+    no_cluster.setattr(k8s_cluster.K8sCluster, "_namespace", classmethod(lambda cls: "training"))
+    for attribute in ("_core_api", "_batch_api", "_ApiException"):  # is_env_present sets them: undone after
+        no_cluster.setattr(k8s_cluster.K8sCluster, attribute, None, raising=False)
+    clear_k8s_caches()
+    return manifests
+
+
+def clear_k8s_caches():
+    """K8sCluster caches this pod, its Job, Service and controller for the process: not across tests."""
+    for method in ("_pod", "_job", "_headless_svc", "_controller"):
+        getattr(k8s_cluster.K8sCluster, method).cache_clear()
+
+
+@pytest.fixture
+def k8s(no_cluster):
+    yield no_cluster
+    clear_k8s_caches()
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_an_indexed_job_pod_joins_as_its_index(k8s, index):
+    manifests = indexed_job_pod(k8s, index)
+    job = manifests["Job"]
+    assert cluster.detect() == "Kubernetes"
+    # What jax.distributed.initialize() then finds itself (cluster.join passes it no address, count or id).
+    coordinator, count, process_id, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, None, 60
+    )
+    assert coordinator == f"{job['metadata']['name']}-0.{manifests['Service']['metadata']['name']}:55527"
+    assert (count, process_id) == (job["spec"]["parallelism"], index) == (2, index)
+    calls = []
+    k8s.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert cluster.join(None, None, None, 30) == "Kubernetes"
+    assert calls == [((), {"heartbeat_timeout_seconds": 30})]
+
+
+def test_a_one_pod_indexed_job_and_a_job_without_indexes_run_alone(k8s):
+    indexed_job_pod(k8s, 0, parallelism=1)
+    assert cluster.detect() is None
+    indexed_job_pod(k8s, 1)
+    k8s.delenv("JOB_COMPLETION_INDEX")  # a pod of a Job that is not Indexed: no index to join with
+    assert cluster.detect() is None
 
 
 def test_the_flags_win_over_the_cluster(no_cluster):

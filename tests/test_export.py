@@ -3,6 +3,7 @@ and matching the Flax eval function on real test images."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,58 @@ def test_the_json_beside_the_model_describes_it(exported, dataset, flax_logits):
         assert result["max_abs_logit_difference"] <= ATOL and result["top1_agreement"] == 1.0
         assert f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference|" in stdout
     assert f"export: step 30 (test accuracy {accuracy:.4f}); wrote {workdir}/export/model.json" in stdout
+
+
+@pytest.mark.slow
+def test_the_stablehlo_is_lowered_for_every_platform_it_names(exported):
+    """A file exported on this CPU serves on a GPU or TPU: its serialized module holds them all."""
+    from jax import export as jax_export
+
+    with open(os.path.join(exported[0], "export", "model.stablehlo"), "rb") as f:
+        platforms = jax_export.deserialize(bytearray(f.read())).platforms
+    assert tuple(platforms) == export.PLATFORMS == ("cpu", "cuda", "rocm", "tpu")
+
+
+# run.py with the StableHLO export's reloaded function shifted by ten times PARITY_ATOL: the file
+# is jax.export's, its logits as read back no longer the Flax model's (the top-1 unchanged).
+RUN_WITH_A_DIFFERING_EXPORT = """
+import runpy, sys
+from resnet_jax import export
+exporter = export.EXPORTERS["stablehlo"]
+def differing(serve, image_shape, path):
+    run = exporter(serve, image_shape, path)
+    return lambda images: run(images) + 10 * export.PARITY_ATOL
+export.EXPORTERS["stablehlo"] = differing
+sys.argv[0] = "run.py"
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_an_export_that_differs_fails_the_run_in_one_line(tiny_data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("differing_export") / "run")
+    shutil.copytree(smoke_run_workdir(tiny_data_dir, tmp_path_factory), workdir)
+    args = ("--config", "configs/smoke.py", "--workdir", workdir, f"--config.data.data_dir={tiny_data_dir}")
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_WITH_A_DIFFERING_EXPORT, *args, "--mode", "export"]
+        + ["--config.export_formats=stablehlo", "--config.export_parity_examples=7"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr[-3000:]
+    path = os.path.join(workdir, "export", "model.stablehlo")
+    assert re.fullmatch(
+        rf"error: the stablehlo export in {re.escape(path)} does not match the Flax model on 7 test images "
+        rf"\(max \|logit difference\| 0\.001, limit {re.escape(str(export.PARITY_ATOL))};"
+        r" top-1 agreement 100\.00%\); do not use it",
+        errors[0],
+    ), errors[0]
+    assert "export:" not in result.stdout and not os.path.exists(os.path.join(workdir, "export", "model.json"))
 
 
 def test_a_parity_failure_stops_the_export():

@@ -1,11 +1,19 @@
 """init_from: fine-tuning from another run's checkpoint or torchvision-style PyTorch weights."""
 
 import functools
+import importlib.util
+import io
 import json
+import logging
 import os
+import pickle
+import re
+import sys
+import zipfile
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
@@ -13,7 +21,7 @@ from test_image_folder import make_folder
 
 from configs import smoke
 from conftest import CIFAR10_ARCHIVE, run_cli
-from resnet_jax import convert, finetune, models, train, workdir as workdir_lib
+from resnet_jax import checkpoints, convert, finetune, models, train, workdir as workdir_lib
 from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import Error
 
@@ -94,9 +102,9 @@ def assert_trees_equal(a, b, skip=()):
             np.testing.assert_array_equal(a[key], b[key], err_msg="/".join(key))
 
 
-def fine_tune_state(setup, init_from):
+def fine_tune_state(setup, init_from, init_from_step="latest"):
     config = setup.config.copy_and_resolve_references()
-    config.init_from = str(init_from)
+    config.init_from, config.init_from_step = str(init_from), init_from_step
     return finetune.imported_state(config, setup)
 
 
@@ -118,26 +126,71 @@ def test_torchvision_weights_load_from_safetensors(tmp_path, num_classes):
         np.testing.assert_array_equal(new, fresh)  # the optimizer starts fresh
 
 
-def test_torch_load_reads_weights_only(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch is not installed: docs/measurements.md, 'The PyTorch side'")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+# Written once by torch (tests/fixtures/make_torch_pt.py): a tiny state_dict, and one whose pickle
+# also holds a call of os.makedirs(EVIL_MARKER), a directory made wherever it is unpickled.
+WEIGHTS_PT, EVIL_PT = os.path.join(FIXTURES, "weights.pt"), os.path.join(FIXTURES, "evil.pt")
+EVIL_MARKER = "unpickled_by_torch_load"
+
+
+def unpickle_as_a_plain_loader_would(path):
+    """The pickle inside a torch .pt file, loaded by the standard unpickler (tensors as None):
+    what a loader without weights_only=True does, torch or not."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            return (lambda *args: None) if module.startswith("torch") else super().find_class(module, name)
+
+        def persistent_load(self, pid):
+            return None
+
+    with zipfile.ZipFile(path) as archive:
+        [data] = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        return Unpickler(io.BytesIO(archive.read(data))).load()
+
+
+def test_torch_load_reads_weights_only(tmp_path, monkeypatch):
+    """Runs with and without torch: a .pt is never unpickled without weights_only=True."""
+    monkeypatch.chdir(tmp_path)  # where EVIL_MARKER would appear
+    marker = tmp_path / EVIL_MARKER
+    # The evil fixture is evil: unpickled plainly, its payload runs.
+    assert set(unpickle_as_a_plain_loader_would(EVIL_PT)) == {"conv1.weight", "extra"} and marker.is_dir()
+    marker.rmdir()
+
+    # Without torch: one line that says torch is needed and how to do without, and nothing unpickled.
+    with monkeypatch.context() as no_torch:
+        no_torch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as where it is absent
+        for path in (WEIGHTS_PT, EVIL_PT):
+            with pytest.raises(Error) as raised:
+                finetune.read_state_dict(path)
+            assert str(raised.value) == (
+                f"reading the PyTorch file {path} needs torch (pip install torch); or save the state_dict with "
+                "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors') and use that file"
+            )
+    assert not marker.exists()
+    if importlib.util.find_spec("torch") is None:
+        return  # CI: the rest needs torch itself
+
+    import torch
+
+    # With torch: the tensors as NumPy (floating ones as float32), and the payload refused unrun.
+    weights = finetune.read_state_dict(WEIGHTS_PT)
+    assert set(weights) == {"conv1.weight", "bn1.num_batches_tracked"}
+    assert weights["conv1.weight"].dtype == np.float32 and weights["bn1.num_batches_tracked"].dtype == np.int64
+    np.testing.assert_array_equal(weights["conv1.weight"], np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1) / 2)
+    assert weights["bn1.num_batches_tracked"] == 7
+    with pytest.raises(
+        Error, match=r"cannot read .*evil\.pt as a state_dict of tensors with torch\.load\(weights_only=True\)"
+    ):
+        finetune.read_state_dict(EVIL_PT)
+    assert not marker.exists()
+
+    # And a whole ResNet's state_dict, saved by torch now, fine-tunes as its safetensors twin does.
     source = random_variables(smoke_setup(10), seed=2)
     state_dict = torchvision_state_dict(source, (1, 1, 1))
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / "weights.pt")
     state = fine_tune_state(smoke_setup(10), tmp_path / "weights.pt")
     assert_trees_equal(state.params, source["params"])
-
-    marker = tmp_path / "unpickled"
-
-    class Payload:  # Unpickling it would create `marker`.
-        def __reduce__(self):
-            return open, (str(marker), "w")
-
-    torch.save({"conv1.weight": torch.zeros(1), "extra": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(
-        Error, match=r"cannot read .*evil\.pt as a state_dict of tensors with torch\.load\(weights_only=True\)"
-    ):
-        fine_tune_state(smoke_setup(10), tmp_path / "evil.pt")
-    assert not marker.exists()
 
 
 def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tmp_path):
@@ -204,6 +257,100 @@ def pretrained(small_data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pretrained")
     run_smoke(workdir, f"--config.data.data_dir={small_data_dir}", "--config.eval_every_epochs=100")
     return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def averaged_source(tiny_data_dir, tmp_path_factory):
+    """A 9-step smoke run that keeps a weight average (ema_decay 0.9) and holds out a validation split:
+    evaluated and checkpointed every 3 steps, so each of its checkpoints 3, 6 and 9 may be the best."""
+    workdir = str(tmp_path_factory.mktemp("averaged_source"))
+    run_smoke(
+        workdir,
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.data.validation_examples=100",
+        "--config.ema_decay=0.9",
+        "--config.num_train_steps=9",
+        "--config.checkpoint_every_steps=3",
+        "--config.log_every_steps=3",
+        "--config.eval_every_epochs=0.375",  # 3 steps of the 8 in an epoch of 540 images
+    )
+    return workdir
+
+
+def raw_checkpoint(workdir, step: int) -> dict:
+    """The checkpoint of `step` in `workdir` as orbax wrote it: params, batch_stats, ema, opt_state, ..."""
+    manager = ocp.CheckpointManager(
+        checkpoints.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore())
+    finally:
+        manager.close()
+
+
+def imported(workdir, init_from_step, caplog):
+    """(the step the fine-tune reported importing, its state) for `init_from_step` of `workdir`."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        state = fine_tune_state(smoke_setup(10), workdir, init_from_step)
+    [step] = [int(m) for m in re.findall(rf"fine-tuning from the checkpoint at step (\d+) of {workdir}:", caplog.text)]
+    return step, state
+
+
+@pytest.mark.slow
+def test_a_runs_weight_average_is_what_fine_tuning_imports(averaged_source, caplog):
+    step, state = imported(averaged_source, "latest", caplog)
+    checkpoint = raw_checkpoint(averaged_source, 9)
+    assert step == 9
+    assert_trees_equal(state.params, checkpoint["ema"]["params"])
+    assert_trees_equal(state.batch_stats, checkpoint["ema"]["batch_stats"])
+    raw = flat(checkpoint["params"])
+    assert any(not np.array_equal(value, raw[key]) for key, value in flat(state.params).items())
+
+
+@pytest.mark.slow
+def test_init_from_step_imports_a_numbered_or_the_best_checkpoint(averaged_source, caplog):
+    validation = {
+        r["step"]: r["accuracy"]
+        for r in workdir_lib.read_metrics(os.path.join(averaged_source, "metrics.jsonl"))
+        if r["split"] == "validation"
+    }
+    assert sorted(validation) == [3, 6, 9]  # every checkpoint was saved with its validation accuracy
+    for which in ("3", "6", "best"):
+        step, state = imported(averaged_source, which, caplog)
+        if which == "best":  # the highest validation accuracy (the run's test accuracy never chooses)
+            assert validation[step] == max(validation.values()), (step, validation)
+        else:
+            assert step == int(which)
+        assert_trees_equal(state.params, raw_checkpoint(averaged_source, step)["ema"]["params"])
+    three, six = (flat(imported(averaged_source, n, caplog)[1].params) for n in ("3", "6"))
+    assert any(not np.array_equal(value, six[key]) for key, value in three.items())
+
+
+@pytest.mark.slow
+def test_init_from_step_refuses_a_missing_step_and_best_without_a_validation_split(
+    pretrained, small_data_dir, tmp_path
+):
+    checkpoints_dir = os.path.join(pretrained, "checkpoints")
+    refusals = {
+        "7": f"no checkpoint at step 7 in {checkpoints_dir}; available: 100, 200, 248",
+        "best": (
+            f"no 'best' checkpoint in {checkpoints_dir}: that run had no validation split, and the test split never "
+            "selects a checkpoint (its accuracy would then be optimistic). Use 'latest' or a step number, or train "
+            "with --config.data.validation_examples=5000"
+        ),
+    }
+    for which, message in refusals.items():
+        result = run_cli(
+            *("--config", "configs/smoke.py", "--workdir", str(tmp_path / which)),
+            f"--config.data.data_dir={small_data_dir}",
+            f"--config.init_from={pretrained}",
+            f"--config.init_from_step={which}",
+            env=ONE_DEVICE,
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+        assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
 
 
 @pytest.fixture(scope="module")
