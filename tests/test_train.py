@@ -440,17 +440,14 @@ def stop_with_signal(data_dir, workdir, *extra, sig=signal.SIGTERM) -> int:
     """Starts a smoke run in `workdir`, sends it `sig` after step 15 is logged; returns the step it stopped at."""
     cmd = [sys.executable, os.path.join(ROOT, "run.py"), *smoke_args(data_dir, workdir), *RECIPE, *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        # As from a terminal: a shell starts background jobs (pytest ... &) with SIGINT ignored, and a
-        # child would inherit that, and never see the Ctrl-C this sends.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # As from a terminal: a shell starts background jobs (pytest ... &) with SIGINT ignored, which a
+    # child inherits and would never see the Ctrl-C this sends; a handled SIGINT is reset across exec.
+    # (Not preexec_fn: it forks the multithreaded JAX process, which may deadlock.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     metrics = workdir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and '"step": 15' in metrics.read_text(), 240)
     process.send_signal(sig)
