@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 from test_image_folder import make_folder
+from test_reliability import one_line_error
 
 from configs import smoke
 from conftest import CIFAR10_ARCHIVE, run_cli
@@ -279,9 +280,7 @@ def averaged_source(tiny_data_dir, tmp_path_factory):
 
 def raw_checkpoint(workdir, step: int) -> dict:
     """The checkpoint of `step` in `workdir` as orbax wrote it: params, batch_stats, ema, opt_state, ..."""
-    manager = ocp.CheckpointManager(
-        checkpoints.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True)
-    )
+    manager = checkpoints.create_manager(workdir, keep=1, read_only=True)
     try:
         return manager.restore(step, args=ocp.args.StandardRestore())
     finally:
@@ -348,8 +347,7 @@ def test_init_from_step_refuses_a_missing_step_and_best_without_a_validation_spl
             f"--config.init_from_step={which}",
             env=ONE_DEVICE,
         )
-        assert result.returncode == 2, result.stderr[-3000:]
-        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+        assert one_line_error(result, 2) == f"error: {message}"
         assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
 
 
