@@ -30,6 +30,7 @@ def get_config():
     config.data.augment = True  # random crop + horizontal flip on the device
     config.data.crop_padding = 4  # pixels of padding around the image before the random 32x32 crop
     config.data.padding_mode = "reflect"  # "reflect" or "zero" padding for the crop
+    config.data.flip = "random"  # "random": a fair draw per image and step, or "alternating" (docs/training.md)
     config.data.cutout = 0  # side of the Cutout square in pixels; 0: off
     config.data.normalization = "dataset"  # "dataset": per-channel mean/std of the train split; "half": (x-0.5)/0.5
 
@@ -47,12 +48,17 @@ def get_config():
     config.momentum = 0.9  # SGD momentum
     config.nesterov = True  # Nesterov momentum
     config.weight_decay = 5e-4  # L2 decay on conv and dense kernels only (not BN, not biases)
+    config.hyperparameter_form = "standard"  # or "airbench": lr, wd per 1,024 examples, loss summed (docs/training.md)
+    config.norm_lr_scale = 1.0  # learning-rate multiplier of BatchNorm's parameters ("airbench": their decay unchanged)
+    config.freeze = ""  # "NAME:EPOCHS,...": the parameter trains that many epochs (0: none), then gets no update
     config.label_smoothing = 0.0  # label smoothing of the cross-entropy targets
     config.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) for the mixing weight; 0: off
     config.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) for the pasted box's area; 0: off (both on: one per batch)
     config.mix_prob = 1.0  # with Mixup or CutMix on, the share of batches mixed at all
     config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: off
     config.ema_decay = 0.0  # decay of the moving average of params and BN statistics that evaluation uses; 0: off
+    config.lookahead_every = 0  # steps between airbench's lookahead moves of the weights to their average; 0: off
+    config.lookahead_decay = 0.95  # lookahead's decay per step: decay^every x (step / steps)^3 at a move
     config.eval_tta = "none"  # test-time augmentation in evaluation: "none", "flip" or "flip_translate"
 
     config.parallel = "pmap"  # device layout: "pmap" (jax.pmap, local devices) or "sharded" (jax.jit over a mesh)

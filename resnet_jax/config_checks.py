@@ -46,6 +46,7 @@ def validate(config, device_count: int = None) -> None:
     _positive(config, "data.image_size")
     _choice("data.padding_mode", config.data.padding_mode, tuple(pipeline.PADDING_MODES))
     _choice("data.normalization", config.data.normalization, pipeline.NORMALIZATIONS)
+    _choice("data.flip", config.data.flip, pipeline.FLIPS)
     if config.data.crop_padding < 0 or config.data.cutout < 0 or config.data.validation_examples < 0:
         raise Error("--config.data.crop_padding, data.cutout and data.validation_examples must be >= 0")
     _choice("parallel", config.parallel, tuple(parallel.LAYOUTS))
@@ -66,6 +67,20 @@ def validate(config, device_count: int = None) -> None:
                 f"--config.{name}={config[name]} is not divisible by the {device_count} devices in use; "
                 f"choose a multiple of {device_count}"
             )
+    _choice("hyperparameter_form", config.hyperparameter_form, train.HYPERPARAMETER_FORMS)
+    _positive(config, "norm_lr_scale")
+    try:
+        train.frozen_epochs(config)
+    except ValueError as e:
+        example = "e.g. whiten/kernel:0,whiten/bias:3"
+        raise Error(f"--config.freeze={config.freeze!r}: {e}; write NAME:EPOCHS,..., {example}") from None
+    if config.lookahead_every < 0 or not 0 < config.lookahead_decay <= 1:
+        raise Error(
+            f"--config.lookahead_every must be >= 1 (0: off) and lookahead_decay in (0, 1], got"
+            f" {config.lookahead_every} and {config.lookahead_decay}"
+        )
+    if config.model.num_filters is not None and config.model.name in models.FIXED_WIDTH_MODELS:
+        raise Error(f"--config.model.num_filters does not apply to {config.model.name}: its widths are fixed")
     if not 0 <= config.momentum < 1:
         raise Error(f"--config.momentum must be in [0, 1), got {config.momentum}")
     if not 0 <= config.label_smoothing < 1:

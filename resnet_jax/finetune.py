@@ -19,7 +19,6 @@ import logging
 import os
 from typing import Tuple
 
-import jax
 import numpy as np
 from flax import traverse_util
 
@@ -128,7 +127,4 @@ def imported_state(config, setup):
         len(traverse_util.flatten_dict(variables)) - (len(variables["params"]["head"]) if new_head else 0),
         f"; the head is new ({setup.dataset.num_classes} classes)" if new_head else "",
     )
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-    if state.ema is not None:  # The average starts from the imported weights (copies: the step donates params).
-        state = state.replace(ema=jax.tree_util.tree_map(np.array, variables))
-    return state
+    return setup.with_weights(state, variables)

@@ -122,11 +122,14 @@ class Run:
 
     def starting_state(self):
         """The newest usable checkpoint's state (on the host); without a checkpoint, a fine-tune's
-        imported weights or the fresh state."""
+        imported weights or the fresh state with its data-dependent initialisation."""
         quarantine = os.path.join(self.workdir, "unusable_checkpoints") if self.is_main else None
         state = checkpoints.restore_latest(self.manager, self.setup.fresh_state, quarantine)
-        if not int(state.step) and self.config.init_from:  # A resumed fine-tune continues from its own checkpoints.
-            state = finetune.imported_state(self.config, self.setup)
+        if int(state.step):  # A resumed run continues from its own checkpoints, fine-tunes too.
+            return state
+        if self.config.init_from:
+            return finetune.imported_state(self.config, self.setup)
+        return self.setup.initialised(state)
         return state
 
     def begin(self, start_step: int) -> None:

@@ -1,6 +1,6 @@
 """ResNet model zoo in Flax linen (NHWC).
 
-Two families share one `ResNet` module, and a third network has its own:
+Two families share one `ResNet` module, and two more networks have their own:
 
 * `resnet18/34/50/101/152`: He et al.'s ImageNet ResNets (v1.5: the stride sits on
   the 3x3 conv of a bottleneck), with an ``"imagenet"`` stem (7x7/2 conv + 3x3/2
@@ -12,6 +12,9 @@ Two families share one `ResNet` module, and a third network has its own:
 * `resnet9`: David Page's DAWNBench network ("How to train your ResNet", 2018): three
   conv-BN-ReLU-max-pool layers of 128/256/512 filters after a 64-filter prep conv, a residual
   of two conv-BN-ReLU after the first and the third, a global max-pool and a 0.125-scaled head.
+* `airbench93`, `airbench94`: Keller Jordan's airbench networks (arXiv 2404.00498): a frozen
+  2x2 "whitening" conv computed from the training images (`whitening_kernel`), three groups of
+  conv-pool-BN-GELU-conv-BN-GELU and a 1/9-scaled head.
 
 The tutorial's residual block is broken (it reads ``self.in_channels`` and
 ``self.out_channels``, which it never sets, and builds its shortcut by reusing
@@ -29,14 +32,15 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 ModuleDef = Any
 
 # Kaiming-normal, fan_out, ReLU gain: torch.nn.init.kaiming_normal_(w, mode="fan_out").
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# torch.nn.Linear's and Conv2d's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_kernel_init = torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def conv_and_norm(model: nn.Module, train: bool):
@@ -52,6 +56,20 @@ def conv_and_norm(model: nn.Module, train: bool):
         axis_name=model.axis_name if train else None,
     )
     return conv, norm
+
+
+def dirac(base_init):
+    """`base_init`, then the identity on the first `in` outputs: airbench's `Conv.reset_parameters`
+    (PyTorch's default init, then `torch.nn.init.dirac_` on `weight[:in_channels]`)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        height, width, channels_in, channels_out = shape
+        n = min(channels_in, channels_out)
+        identity = jnp.zeros((height, width, channels_in, n), dtype)
+        identity = identity.at[height // 2, width // 2, jnp.arange(n), jnp.arange(n)].set(1)
+        return base_init(key, shape, dtype).at[..., :n].set(identity)
+
+    return init
 
 
 def zero_pad_shortcut(x, filters: int, strides: Tuple[int, int]):
@@ -237,6 +255,79 @@ class ResNet9(nn.Module):
         return x.astype(jnp.float32) * 0.125  # Page's fixed logit scale, his Mul(weight=0.125)
 
 
+WHITENING_EPS = 5e-4  # airbench's init_whitening_conv eps
+
+
+def whitening_kernel(images: np.ndarray, kernel_size: int = 2, eps: float = WHITENING_EPS) -> np.ndarray:
+    """airbench's whitening conv kernel (HWIO) for normalised NHWC `images`: the eigenvectors of
+    the uncentred second moment (X^T X / n) of every stride-1 `kernel_size` patch, largest
+    eigenvalue first, each scaled by 1 / sqrt(eigenvalue + eps), then the same negated.
+    Accumulated in float64 over chunks, so the result does not depend on the device."""
+    channels = images.shape[-1]
+    size = kernel_size * kernel_size * channels
+    moment, count = np.zeros((size, size)), 0
+    for chunk in np.array_split(images, max(1, len(images) // 500)):
+        windows = np.lib.stride_tricks.sliding_window_view(chunk, (kernel_size, kernel_size), axis=(1, 2))
+        # (n, h, w, c, kh, kw) -> rows of (kh, kw, c): an HWIO kernel's input order.
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, size).astype(np.float64)
+        moment += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(moment / count)
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    scaled = eigenvectors / np.sqrt(eigenvalues + eps)
+    kernel = np.concatenate([scaled, -scaled], axis=1)
+    return kernel.reshape(kernel_size, kernel_size, channels, 2 * size).astype(np.float32)
+
+
+class Airbench(nn.Module):
+    """airbench's network (its `make_net93` / `make_net94`) for NHWC images; returns float32 logits.
+
+    BatchNorm has no learned scale (airbench fixes it at 1), epsilon 1e-12 and momentum 0.6 in
+    flax's convention (airbench hands PyTorch 1 - 0.6). GELU is exact (erf), as PyTorch's.
+    The `whiten` kernel starts as PyTorch's default; `whitening_kernel` of the training images
+    replaces it (`train.Setup.initialised`), and the recipes never train it (`config.freeze`).
+    """
+
+    num_classes: int
+    widths: Sequence[int] = (64, 256, 256)  # the three groups' widths
+    zero_init_residual: bool = False  # unused: there is no residual
+    dtype: Any = jnp.float32  # computation dtype; params and BN statistics stay float32
+    axis_name: Optional[str] = None  # the devices' axis to average BN statistics over (sync BN)
+    bn_momentum: float = 0.6
+    act: Callable = functools.partial(nn.gelu, approximate=False)
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(
+            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=dirac(torch_default_kernel_init)
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            use_scale=False,
+            momentum=self.bn_momentum,
+            epsilon=1e-12,
+            dtype=self.dtype,
+            axis_name=self.axis_name if train else None,
+        )
+        x = conv(WHITEN_WIDTH, (2, 2), padding="VALID", use_bias=True, name="whiten")(x.astype(self.dtype))
+        x = self.act(x)
+        for i, width in enumerate(self.widths, start=1):
+            x = conv(width, (3, 3), padding=1, name=f"group{i}_conv1")(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = self.act(norm(name=f"group{i}_norm1")(x))
+            x = conv(width, (3, 3), padding=1, name=f"group{i}_conv2")(x)
+            x = self.act(norm(name=f"group{i}_norm2")(x))
+        x = nn.max_pool(x, (3, 3), strides=(3, 3))  # PyTorch's MaxPool2d(3): the 3x3 left, floored
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
+        return x.astype(jnp.float32) / 9.0  # airbench's Mul(1/9)
+
+
+WHITEN_WIDTH = 24  # 2 x the 12 values of a 2x2x3 patch: each eigenvector and its negative
+Airbench93 = functools.partial(Airbench, widths=(64, 128, 128))
+Airbench94 = functools.partial(Airbench, widths=(64, 256, 256))
+
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
@@ -257,8 +348,11 @@ ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), **_CIFAR)
 # always use a 3x3 conv, ResNet-9 its own prep conv).
 STEMS = ("cifar", "imagenet")
 STEM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+FIXED_WIDTH_MODELS = ("airbench93", "airbench94")  # no num_filters
 
 MODELS = {
+    "airbench93": Airbench93,
+    "airbench94": Airbench94,
     "resnet8": ResNet8,
     "resnet9": ResNet9,
     "resnet18": ResNet18,

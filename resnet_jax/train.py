@@ -21,8 +21,11 @@ from flax.training import train_state
 
 from resnet_jax import models, parallel
 from resnet_jax.data import pipeline
+from resnet_jax.errors import Error
 
-SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
+SCHEDULES = ("cosine", "piecewise", "onecycle", "constant", "airbench")
+HYPERPARAMETER_FORMS = ("standard", "airbench")
+WHITENING_IMAGES = 5000  # the train images a whitening conv's kernel is computed from (airbench's)
 TTA_MODES = ("none", "flip", "flip_translate")
 
 
@@ -35,6 +38,7 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
     train_metrics: Any
     ema: Any = None  # {"params", "batch_stats"} averaged over steps; None: ema_decay is 0
+    lookahead: Any = None  # {"params", "batch_stats"}: the average lookahead moves to; None: off
 
 
 def empty_train_metrics():
@@ -77,9 +81,29 @@ def total_steps(config, steps_per_epoch: int) -> int:
     return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
 
 
+def kilostep_scale(momentum: float) -> float:
+    """airbench's kilostep_scale: how much larger Nesterov steps are than the per-example gradients
+    they sum over 1,024 examples, with gradients constant in time."""
+    return 1024 * (1 + 1 / (1 - momentum))
+
+
 def peak_learning_rate(config) -> float:
-    """The learning rate scaled linearly with the batch size."""
+    """The peak learning rate of the SGD step: "standard", `learning_rate` scaled linearly with
+    the batch size (on the mean loss); "airbench", `learning_rate` per 1,024 examples divided by
+    `kilostep_scale` (on the summed loss)."""
+    if config.hyperparameter_form == "airbench":
+        return config.learning_rate / kilostep_scale(config.momentum)
     return config.learning_rate * config.batch_size / config.base_batch_size
+
+
+def l2_coefficient(config, lr_scale: float = 1.0) -> float:
+    """The L2 term's coefficient (added to the gradient before momentum) of parameters whose
+    learning rate is scaled by `lr_scale`. "airbench": airbench's wd / lr of the parameter's
+    group, so the decay per step is `weight_decay` per 1,024 examples whatever the scale."""
+    if config.hyperparameter_form == "airbench":
+        decay = config.weight_decay * config.batch_size / kilostep_scale(config.momentum)
+        return decay / (peak_learning_rate(config) * lr_scale)
+    return config.weight_decay
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
@@ -95,6 +119,12 @@ def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> opt
         return optax.cosine_onecycle_schedule(num_steps, peak)
     if config.schedule == "constant":
         return optax.warmup_constant_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+    if config.schedule == "airbench":  # its get_lr: 0.2 -> 1 of the peak over int(0.23 x steps), then -> 0.07
+        rise = int(0.23 * num_steps)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.2 * peak, peak, rise), optax.linear_schedule(peak, 0.07 * peak, num_steps - rise)],
+            [rise],
+        )
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
@@ -103,16 +133,75 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
-def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum, L2 weight decay on kernels, optional clipping."""
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm > 0 else optax.identity(),
-        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-        optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov),
-    )
+def param_name(path) -> str:
+    """A parameter's name as `--mode summary` and `config.freeze` write it: "group1_conv1/kernel"."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
-def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32, 3)) -> TrainState:
+def frozen_epochs(config) -> dict:
+    """`config.freeze` ("name:epochs,...") as {name: epochs}; ValueError when malformed."""
+    frozen = {}
+    for item in filter(None, (part.strip() for part in config.freeze.split(","))):
+        name, _, epochs = item.rpartition(":")
+        if not name or not epochs.strip().isdigit():
+            raise ValueError(f"{item!r} is not NAME:EPOCHS")
+        frozen[name.strip()] = int(epochs)
+    return frozen
+
+
+def param_groups(config, params, batch_stats) -> dict:
+    """Each parameter's optimizer group, a (learning-rate scale, epochs it trains or None) pair:
+    BatchNorm's parameters (those of modules with statistics) at `norm_lr_scale`, the rest at 1;
+    names in `config.freeze` train that many epochs."""
+    norm_modules = {param_name(path[:-1]) for path, _ in jax.tree_util.tree_leaves_with_path(batch_stats)}
+    frozen = frozen_epochs(config)
+    names = {param_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    for name in frozen:
+        if name not in names:
+            raise Error(
+                f"--config.freeze names {name!r}, which {config.model.name} does not have; its parameters are"
+                f" {', '.join(sorted(names)[:4])}, ... (--mode summary lists them)"
+            )
+
+    def group(path, _):
+        name = param_name(path)
+        return (config.norm_lr_scale if param_name(path[:-1]) in norm_modules else 1.0, frozen.get(name))
+
+    return jax.tree_util.tree_map_with_path(group, params)
+
+
+def create_optimizer(config, learning_rate_fn, groups=None, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum and an L2 term, optional clipping; per `groups` (`param_groups`),
+    learning rates scaled and parameters frozen after their epochs (no update, momentum or decay).
+    The L2 term is on kernels ("standard") or every trained parameter ("airbench")."""
+    clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm > 0 else optax.identity()
+
+    mask = decay_mask if config.hyperparameter_form == "standard" else None
+
+    def l2_then_sgd(lr_scale=1.0):
+        return (
+            optax.add_decayed_weights(l2_coefficient(config, lr_scale), mask=mask),
+            optax.sgd(lambda step: lr_scale * learning_rate_fn(step), config.momentum, config.nesterov),
+        )
+
+    def rule(lr_scale, epochs):
+        if epochs == 0:
+            return optax.set_to_zero()
+        if epochs is None:
+            return optax.chain(*l2_then_sgd(lr_scale))
+        return optax.conditionally_transform(
+            optax.chain(*l2_then_sgd(lr_scale)), lambda step: step < epochs * steps_per_epoch
+        )
+
+    is_group = lambda x: isinstance(x, tuple)  # noqa: E731
+    distinct = set(jax.tree_util.tree_leaves(groups, is_leaf=is_group)) if groups is not None else set()
+    if distinct <= {(1.0, None)}:
+        return optax.chain(clip, *l2_then_sgd())
+    labels = jax.tree_util.tree_map(str, groups, is_leaf=is_group)
+    return optax.chain(clip, optax.partition({str(group): rule(*group) for group in distinct}, labels))
+
+
+def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32, 3), steps_per_epoch=1) -> TrainState:
     """A fresh state on the host, initialised from `rng`."""
 
     @jax.jit
@@ -120,14 +209,29 @@ def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32
         return model.init(rng, jnp.zeros((1,) + tuple(image_shape), model.dtype), train=False)
 
     variables = init(rng)
-    return TrainState.create(
+    groups = param_groups(config, variables["params"], variables["batch_stats"])
+    state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
-        tx=create_optimizer(config, learning_rate_fn),
+        tx=create_optimizer(config, learning_rate_fn, groups, steps_per_epoch),
         batch_stats=variables["batch_stats"],
         train_metrics=empty_train_metrics(),
-        # Host copies: the average must not share buffers with the params the step donates.
-        ema=jax.tree_util.tree_map(np.array, dict(variables)) if config.ema_decay > 0 else None,
+    )
+    return with_weights(state, config, variables)
+
+
+def with_weights(state: TrainState, config, variables: dict) -> TrainState:
+    """`state` with params and BatchNorm statistics `variables`, and its averages (EMA, lookahead)
+    starting from them. Host copies: an average must not share buffers with the params the step donates."""
+
+    def copy():
+        return jax.tree_util.tree_map(np.array, {key: variables[key] for key in ("params", "batch_stats")})
+
+    return state.replace(
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        ema=copy() if config.ema_decay > 0 else None,
+        lookahead=copy() if config.lookahead_every > 0 else None,
     )
 
 
@@ -166,19 +270,32 @@ def accuracy(logits, labels, partner_labels=None, lam=1.0):
 
 
 def train_step(
-    state: TrainState, batch, *, preprocess_fn: Callable, aug_key, label_smoothing, ema_decay=0.0, mix_fn=None
+    state: TrainState,
+    batch,
+    *,
+    preprocess_fn: Callable,
+    aug_key,
+    label_smoothing,
+    ema_decay=0.0,
+    mix_fn=None,
+    sum_loss=False,
+    lookahead=None,
 ):
-    """One SGD step on this device's part of the global batch; gradients are averaged over parallel.AXIS.
+    """One SGD step on this device's part of the global batch; gradients are combined over parallel.AXIS.
 
     Augmentation draws from `aug_key` folded with the step (none when `aug_key` is None). With
     `mix_fn` (`pipeline.mix_weights` configured), each image is mixed with its partner's, which the
-    batch carries and which is augmented by its own position, by the step's one draw.
+    batch carries and which is augmented by its own position, by the step's one draw. The
+    gradient is of the loss averaged over the global batch, or summed with `sum_loss`.
+    `lookahead` (every, decay, num_steps) moves the weights to their average (`lookahead_move`).
     """
     key = None if aug_key is None else jax.random.fold_in(aug_key, state.step)
-    images = preprocess_fn(batch["image"], key=key, positions=batch["position"])
+    images = preprocess_fn(batch["image"], key=key, positions=batch["position"], flips=batch.get("flip"))
     partner_labels, lam = None, 1.0
     if mix_fn is not None:
-        partners = preprocess_fn(batch["partner_image"], key=key, positions=batch["partner_position"])
+        partners = preprocess_fn(
+            batch["partner_image"], key=key, positions=batch["partner_position"], flips=batch.get("partner_flip")
+        )
         lam, weight = mix_fn(state.step, *images.shape[1:3])
         images = (weight * images + (1.0 - weight) * partners).astype(images.dtype)
         partner_labels = batch["partner_label"]
@@ -187,11 +304,11 @@ def train_step(
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
         )
-        loss = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing, partner_labels, lam).mean()
-        return loss, (logits, updates["batch_stats"])
+        losses = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing, partner_labels, lam)
+        return (losses.sum() if sum_loss else losses.mean()), (losses.mean(), logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, parallel.AXIS)
+    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = (jax.lax.psum if sum_loss else jax.lax.pmean)(grads, parallel.AXIS)
     # Without sync BN each device normalises by its own batch; averaging the running
     # statistics keeps the state identical on every device all the same.
     batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
@@ -207,6 +324,8 @@ def train_step(
         "first_nonfinite_step": first_bad.astype(jnp.int32),
     }
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats, train_metrics=train_metrics)
+    if state.lookahead is not None:
+        new_state = lookahead_move(new_state, *lookahead)
     if state.ema is None:
         return new_state
     # TF's ExponentialMovingAverage with num_updates: the decay ramps up as (1 + t) / (10 + t),
@@ -214,6 +333,27 @@ def train_step(
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
     current = {"params": new_state.params, "batch_stats": new_state.batch_stats}
     return new_state.replace(ema=optax.incremental_update(current, state.ema, 1.0 - decay))
+
+
+def lookahead_decay(step, every: int, decay: float, num_steps: int):
+    """The average's decay at a lookahead move after `step` steps: airbench's decay^every x (step / num_steps)^3."""
+    return decay**every * (step / num_steps) ** 3
+
+
+def lookahead_move(state: TrainState, every: int, decay: float, num_steps: int) -> TrainState:
+    """airbench's LookaheadState: after every `every`-th step the average of params and BatchNorm
+    statistics moves toward them (`lookahead_decay`) and they move to it; after the last step they
+    move to the average. optax.lookahead does not fit: its step size is fixed and it averages params only."""
+    step = state.step
+    moving = step % every == 0
+    weight = 1.0 - lookahead_decay(step, every, decay, num_steps)
+    current = {"params": state.params, "batch_stats": state.batch_stats}
+    average = jax.tree_util.tree_map(
+        lambda avg, new: jnp.where(moving, avg + weight * (new - avg), avg), state.lookahead, current
+    )
+    jump = moving | (step == num_steps)
+    weights = jax.tree_util.tree_map(lambda avg, new: jnp.where(jump, avg, new), average, current)
+    return state.replace(params=weights["params"], batch_stats=weights["batch_stats"], lookahead=average)
 
 
 def tta_logits(apply_fn: Callable, images, tta: str = "none"):
@@ -269,7 +409,7 @@ class Setup:
         self.layout = parallel.layout(config.parallel)
         init_key, self.aug_key = jax.random.split(jax.random.key(config.seed))
         self.fresh_state = create_train_state(
-            init_key, config, self.model, self.learning_rate_fn, dataset.train_images.shape[1:]
+            init_key, config, self.model, self.learning_rate_fn, dataset.train_images.shape[1:], self.steps_per_epoch
         )
         mean, std = pipeline.normalization(config.data, dataset)
         self.preprocess_fn = functools.partial(
@@ -286,15 +426,42 @@ class Setup:
                 mix_prob=config.mix_prob,
             )
 
+    def with_weights(self, state: TrainState, variables: dict) -> TrainState:
+        """`state` with `variables`' params and BatchNorm statistics, its averages starting from them."""
+        return with_weights(state, self.config, variables)
+
+    def initialised(self, state: TrainState) -> TrainState:
+        """The fresh `state` with its data-dependent initialisation, done once at a run's start (a
+        checkpoint keeps it): a `whiten` conv's kernel from the first WHITENING_IMAGES train
+        images, normalised as training normalises them (`models.whitening_kernel`)."""
+        if "whiten" not in state.params:
+            return state
+        mean, std = pipeline.normalization(self.config.data, self.dataset)
+        images = (self.dataset.train_images[:WHITENING_IMAGES].astype(np.float32) - mean) / std
+        height, width, channels, outputs = state.params["whiten"]["kernel"].shape
+        if 2 * height * width * channels != outputs:
+            raise Error(
+                f"{self.config.model.name}'s whitening conv has {outputs} outputs, an eigenvector and its negative"
+                f" for each value of a {height}x{width} patch of {outputs // (2 * height * width)}-channel images,"
+                f" and the images of {self.config.data.name} have {channels} channels; choose a model without"
+                f" whitening (e.g. resnet20)"
+            )
+        kernel = models.whitening_kernel(images, height)
+        params = {**state.params, "whiten": {**state.params["whiten"], "kernel": kernel}}
+        return self.with_weights(state, {"params": params, "batch_stats": state.batch_stats})
+
     def configured_train_step(self):
-        """`train_step` with this config's preprocessing, augmentation key, smoothing, average and mix."""
+        """`train_step` with this config's preprocessing, augmentation key, smoothing, averages, mix and loss."""
+        config = self.config
         return functools.partial(
             train_step,
             preprocess_fn=self.preprocess_fn,
-            aug_key=self.aug_key if self.config.data.augment else None,
-            label_smoothing=self.config.label_smoothing,
-            ema_decay=self.config.ema_decay,
+            aug_key=self.aug_key if config.data.augment else None,
+            label_smoothing=config.label_smoothing,
+            ema_decay=config.ema_decay,
             mix_fn=self.mix_fn,
+            sum_loss=config.hyperparameter_form == "airbench",
+            lookahead=(config.lookahead_every, config.lookahead_decay, self.num_steps),
         )
 
     def parallel_train_step(self, devices=None):
@@ -319,5 +486,6 @@ class Setup:
             seed=config.seed,
             part=self.layout.process_slice(config.batch_size),
             mix=mixes(config),
+            alternating_flip=config.data.augment and config.data.flip == "alternating",
         )
         return self.layout.device_batches(batches, devices)

@@ -21,6 +21,7 @@ import numpy as np
 
 PADDING_MODES = {"reflect": "reflect", "zero": "constant"}  # data.padding_mode -> jnp.pad mode
 NORMALIZATIONS = ("dataset", "half")
+FLIPS = ("random", "alternating")
 CUTMIX_SHARE = 0.5  # with Mixup and CutMix both on, the chance a mixed batch is CutMix (timm's switch_prob)
 
 # ---------------------------------------------------------------------------- host side
@@ -29,6 +30,18 @@ CUTMIX_SHARE = 0.5  # with Mixup and CutMix both on, the chance a mixed batch is
 @functools.lru_cache(maxsize=2)
 def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+@functools.lru_cache(maxsize=2)
+def _run_flips(seed: int, num_examples: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0, 1]).random(num_examples) < 0.5  # A 3-word key: no epoch's permutation
+
+
+def alternating_flips(indices: np.ndarray, step: int, *, num_examples: int, batch_size: int, seed: int) -> np.ndarray:
+    """airbench's alternating flip of the examples `indices` at `step`: each example mirrored or
+    not by one draw per run, then every example mirrored on odd epochs."""
+    epoch = step // (num_examples // batch_size)
+    return _run_flips(seed, num_examples)[indices] ^ bool(epoch % 2)
 
 
 def train_indices(step: int, *, num_examples: int, batch_size: int, seed: int) -> np.ndarray:
@@ -49,7 +62,15 @@ def partner(positions: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def train_batch(
-    images, labels, step: int, *, batch_size: int, seed: int, part: slice = slice(None), mix: bool = False
+    images,
+    labels,
+    step: int,
+    *,
+    batch_size: int,
+    seed: int,
+    part: slice = slice(None),
+    mix: bool = False,
+    alternating_flip: bool = False,
 ) -> dict:
     """Rows `part` of the global train batch at `step`.
 
@@ -57,25 +78,29 @@ def train_batch(
     `mix`, each row also carries its `partner`'s image, label and position, read here from the
     global batch's indices: the host holds the whole split, so no device needs another's rows,
     and the partner is augmented on the device by its own position, exactly as its own row is
-    (the cost of the extra image: docs/measurements.md).
+    (the cost of the extra image: docs/measurements.md). With `alternating_flip`, `flip` (and
+    `partner_flip`) say which rows to mirror (`alternating_flips`).
     """
     idx = train_indices(step, num_examples=len(images), batch_size=batch_size, seed=seed)
     positions = np.arange(batch_size, dtype=np.int32)[part]
     batch = {"image": images[idx[part]], "label": labels[idx[part]], "position": positions}
+    flips = functools.partial(alternating_flips, step=step, num_examples=len(images), batch_size=batch_size, seed=seed)
+    if alternating_flip:
+        batch["flip"] = flips(idx[part])
     if mix:
         partners = partner(positions, batch_size)
         batch.update(
             partner_image=images[idx[partners]], partner_label=labels[idx[partners]], partner_position=partners
         )
+        if alternating_flip:
+            batch["partner_flip"] = flips(idx[partners])
     return batch
 
 
-def train_batches(
-    images, labels, steps: range, *, batch_size: int, seed: int, part: slice = slice(None), mix: bool = False
-) -> Iterator[dict]:
-    """`train_batch` of each of `steps`, in order."""
+def train_batches(images, labels, steps: range, **kwargs) -> Iterator[dict]:
+    """`train_batch` of each of `steps`, in order (`kwargs`: `train_batch`'s)."""
     for step in steps:
-        yield train_batch(images, labels, step, batch_size=batch_size, seed=seed, part=part, mix=mix)
+        yield train_batch(images, labels, step, **kwargs)
 
 
 def eval_batches(images, labels, *, batch_size: int, part: slice = slice(None)) -> Iterator[dict]:
@@ -98,10 +123,11 @@ def augment(
     *,
     crop_padding: int = 4,
     padding_mode: str = "reflect",
-    flip: bool = True,
     cutout: int = 0,
+    flips: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, jax.Array]:
-    """Random crop from the padded image and random horizontal flip, per example.
+    """Random crop from the padded image and horizontal flip, per example: random, or where
+    `flips` (the host's `alternating_flips`) says.
 
     Each example's draw comes from `fold_in(key, position)`. Returns the augmented uint8
     images and a float mask that is 0 where Cutout erases (apply it after normalising).
@@ -111,12 +137,11 @@ def augment(
     pad = crop_padding
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
 
-    def one(position, image):
+    def one(position, image, flip):
         k_crop, k_flip, k_cut = jax.random.split(jax.random.fold_in(key, position), 3)
         dy, dx = jax.random.randint(k_crop, (2,), 0, 2 * pad + 1)
         image = jax.lax.dynamic_slice(image, (dy, dx, 0), (height, width, image.shape[-1]))
-        if flip:
-            image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
+        image = jnp.where(jax.random.bernoulli(k_flip) if flips is None else flip, image[:, ::-1], image)
         keep = jnp.ones((height, width, 1), jnp.float32)
         if cutout:
             cy, cx = jax.random.randint(k_cut, (2,), 0, jnp.array([height, width]))
@@ -127,7 +152,7 @@ def augment(
             keep = jnp.where(inside, 0.0, 1.0)
         return image, keep
 
-    return jax.vmap(one)(positions, padded)
+    return jax.vmap(one)(positions, padded, jnp.zeros(len(positions), bool) if flips is None else flips)
 
 
 def mix_weights(
@@ -179,6 +204,7 @@ def preprocess(
     *,
     key: Optional[jax.Array] = None,
     positions: Optional[jax.Array] = None,
+    flips: Optional[jax.Array] = None,
     data_config=None,
 ) -> jax.Array:
     """uint8 images -> normalised `dtype` images; augmented when `key` is given."""
@@ -191,6 +217,7 @@ def preprocess(
             crop_padding=data_config.crop_padding,
             padding_mode=data_config.padding_mode,
             cutout=data_config.cutout,
+            flips=flips,
         )
     x = (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     if keep is not None and data_config.cutout:
