@@ -24,6 +24,11 @@ RESUME_FIELDS = (
     "data.validation_examples",
     "batch_size",
     "ema_decay",
+    # These four shape the optimizer state or the averages a checkpoint holds.
+    "hyperparameter_form",
+    "norm_lr_scale",
+    "freeze",
+    "lookahead_every",
 )
 
 
@@ -105,7 +110,8 @@ def check_config(workdir: str, config) -> None:
     with open(path) as f:
         saved = json.load(f)
     current = json.loads(config.to_json())
-    changed = [k for k in RESUME_FIELDS if _get(saved, k) != _get(current, k)]
+    # A field the saved config lacks is newer than the run, which had its default.
+    changed = [k for k in RESUME_FIELDS if _get(saved, k) not in ({}, _get(current, k))]
     if changed:
         diffs = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in changed)
         raise Error(
