@@ -189,7 +189,9 @@ def create_optimizer(config, learning_rate_fn, groups=None, steps_per_epoch: int
             return optax.set_to_zero()
         if epochs is None:
             return optax.chain(*l2_then_sgd(lr_scale))
-        return optax.conditionally_transform(
+        # conditionally_mask, not conditionally_transform: once the condition fails, the latter passes
+        # the raw gradient through as the update; this zeroes it and keeps the momentum as it was.
+        return optax.conditionally_mask(
             optax.chain(*l2_then_sgd(lr_scale)), lambda step: step < epochs * steps_per_epoch
         )
 

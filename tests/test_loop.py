@@ -64,24 +64,27 @@ def train_to_the_end(workdir, layout):
     return workdir
 
 
-def stop_after_step_5(workdir, layout):
-    """Trains under `layout` until a SIGTERM arrives during step 5, as a scheduler's preemption would."""
+def stop_after(workdir, layout, step=5, config=None, dataset=None):
+    """Trains under `layout` until a SIGTERM arrives during `step`, as a scheduler's preemption
+    would (by default the tiny config and data set; tests/test_airbench.py passes its own)."""
     parallel_train_step = train.Setup.parallel_train_step
 
     def signalled(setup, devices=None):
         step_fn, calls = parallel_train_step(setup, devices), []
 
-        def step(state, batch):
+        def signalling_step(state, batch):
             calls.append(1)
-            if len(calls) == 5:
+            if len(calls) == step:
                 signal.raise_signal(signal.SIGTERM)
             return step_fn(state, batch)
 
-        return step
+        return signalling_step
 
+    config = tiny_config(layout) if config is None else config
+    dataset = tiny_dataset() if dataset is None else dataset
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train.Setup, "parallel_train_step", signalled)
-        done = loop.train_and_evaluate(tiny_config(layout), str(workdir), tiny_dataset(), config_path="configs/tiny.py")
+        done = loop.train_and_evaluate(config, str(workdir), dataset, config_path="configs/tiny.py")
     assert done is False
     return workdir
 
@@ -93,7 +96,7 @@ def runs(request, tmp_path_factory):
     return {
         "layout": layout,
         "uninterrupted": train_to_the_end(tmp_path_factory.mktemp(f"{layout}_uninterrupted"), layout),
-        "stopped": stop_after_step_5(tmp_path_factory.mktemp(f"{layout}_stopped"), layout),
+        "stopped": stop_after(tmp_path_factory.mktemp(f"{layout}_stopped"), layout),
     }
 
 
@@ -131,7 +134,7 @@ def test_a_stop_signal_checkpoints_and_the_resumed_run_equals_the_uninterrupted_
 
 
 def test_the_stop_says_how_to_resume(tmp_path, capsys):
-    stop_after_step_5(tmp_path, "pmap")
+    stop_after(tmp_path, "pmap")
     assert "stopped by SIGTERM at step 5; checkpoint saved. Resume with: python run.py --config configs/tiny.py" in (
         capsys.readouterr().out
     )

@@ -42,16 +42,16 @@ def synthetic_dataset(n=256, classes=10):
 
 
 def run_steps(config, dataset, num_devices, steps=3):
-    """The state after `steps` prefetched, pmapped steps on `num_devices` devices, checking first
-    that every device holds the same one (`unreplicate` reads device 0 only: a missing pmean
-    would go unnoticed otherwise)."""
+    """The state after `steps` prefetched, pmapped steps on `num_devices` devices from the fresh
+    state with its data-dependent init (as a run starts), checking first that every device holds
+    the same one (`unreplicate` reads device 0 only: a missing pmean would go unnoticed otherwise)."""
     devices = jax.local_devices()[:num_devices]
     setup = train.Setup(config, dataset)
-    state = setup.layout.replicate(setup.fresh_state, devices=devices)
+    state = setup.layout.replicate(setup.initialised(setup.fresh_state), devices=devices)
     p_train_step = setup.parallel_train_step(devices=devices)
     for batch in setup.train_batches(0, steps, devices):
         state = p_train_step(state, batch)
-    for name in ("params", "batch_stats", "opt_state", "ema"):
+    for name in ("params", "batch_stats", "opt_state", "ema", "lookahead"):
         for leaf in jax.tree_util.tree_leaves(getattr(state, name)):
             replicas = [np.asarray(shard.data) for shard in leaf.addressable_shards]
             assert len(replicas) == num_devices
