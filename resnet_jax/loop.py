@@ -130,7 +130,6 @@ class Run:
         if self.config.init_from:
             return finetune.imported_state(self.config, self.setup)
         return self.setup.initialised(state)
-        return state
 
     def begin(self, start_step: int) -> None:
         """Opens the metrics log and starts the clock; called once, right ahead of the first step."""

@@ -125,7 +125,7 @@ def test_logits_are_the_bias_free_head_over_9_and_the_activation_is_exact_gelu(a
     np.testing.assert_allclose(after, jax.nn.gelu(whitened, approximate=False), rtol=1e-6, atol=1e-6)
     assert np.abs(after - jax.nn.gelu(whitened, approximate=True)).max() > 1e-4
     z = np.linspace(-4, 4, 101, dtype=np.float32)
-    np.testing.assert_array_equal(model.act(z), jax.nn.gelu(z, approximate=False))
+    np.testing.assert_allclose(model.act(z), jax.nn.gelu(z, approximate=False), rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ whitening
