@@ -131,7 +131,7 @@ def torch_to_flax(tensors: dict, prefix: str, groups: int = 3) -> dict:
                 "mean": get(f"{module}norm{j}.running_mean"),
                 "var": get(f"{module}norm{j}.running_var"),
             }
-    params["head"] = {"kernel": get(f"{groups + 5}.weight").T}
+    params["head"] = {"kernel": get(f"{groups + 4}.weight").T}
     return {"params": params, "batch_stats": stats}
 
 

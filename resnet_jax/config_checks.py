@@ -67,20 +67,7 @@ def validate(config, device_count: int = None) -> None:
                 f"--config.{name}={config[name]} is not divisible by the {device_count} devices in use; "
                 f"choose a multiple of {device_count}"
             )
-    _choice("hyperparameter_form", config.hyperparameter_form, train.HYPERPARAMETER_FORMS)
-    _positive(config, "norm_lr_scale")
-    try:
-        train.frozen_epochs(config)
-    except ValueError as e:
-        example = "e.g. whiten/kernel:0,whiten/bias:3"
-        raise Error(f"--config.freeze={config.freeze!r}: {e}; write NAME:EPOCHS,..., {example}") from None
-    if config.lookahead_every < 0 or not 0 < config.lookahead_decay <= 1:
-        raise Error(
-            f"--config.lookahead_every must be >= 1 (0: off) and lookahead_decay in (0, 1], got"
-            f" {config.lookahead_every} and {config.lookahead_decay}"
-        )
-    if config.model.num_filters is not None and config.model.name in models.FIXED_WIDTH_MODELS:
-        raise Error(f"--config.model.num_filters does not apply to {config.model.name}: its widths are fixed")
+    _validate_optimizer_options(config)
     if not 0 <= config.momentum < 1:
         raise Error(f"--config.momentum must be in [0, 1), got {config.momentum}")
     if not 0 <= config.label_smoothing < 1:
@@ -108,6 +95,24 @@ def validate(config, device_count: int = None) -> None:
             raise Error(ONNX_REFUSED)
         _choice("export_formats", name, EXPORT_FORMATS)
     _positive(config, "export_parity_examples")
+
+
+def _validate_optimizer_options(config) -> None:
+    """The options airbench's recipes brought: its hyperparameter form, BN lr scale, freezing, lookahead."""
+    _choice("hyperparameter_form", config.hyperparameter_form, train.HYPERPARAMETER_FORMS)
+    _positive(config, "norm_lr_scale")
+    try:
+        train.frozen_epochs(config)
+    except ValueError as e:
+        example = "e.g. whiten/kernel:0,whiten/bias:3"
+        raise Error(f"--config.freeze={config.freeze!r}: {e}; write NAME:EPOCHS,..., {example}") from None
+    if config.lookahead_every < 0 or not 0 < config.lookahead_decay <= 1:
+        raise Error(
+            f"--config.lookahead_every must be >= 1 (0: off) and lookahead_decay in (0, 1], got"
+            f" {config.lookahead_every} and {config.lookahead_decay}"
+        )
+    if config.model.num_filters is not None and config.model.name in models.FIXED_WIDTH_MODELS:
+        raise Error(f"--config.model.num_filters does not apply to {config.model.name}: its widths are fixed")
 
 
 def export_formats(config) -> list:

@@ -94,7 +94,7 @@ def test_resnet18_mix_is_the_flagship_recipe_plus_cutmix():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("--config.model.name=resnet19", "model.name='resnet19' is not one of: resnet101"),
+        ("--config.model.name=resnet19", "model.name='resnet19' is not one of: airbench93, airbench94, resnet101"),
         ("--config.data.name=mnist", "data.name='mnist' is not one of: cifar10, cifar100"),
         ("--config.model.dtype=float16", "model.dtype='float16' is not one of: float32, bfloat16"),
         ("--config.batch_size=0", "batch_size must be positive"),
