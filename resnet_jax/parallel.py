@@ -4,7 +4,7 @@ The steps themselves (`train.train_step`, `train.eval_step`) work on one device'
 global batch and combine results with collectives (`pmean`, `psum`) over the axis AXIS. A
 layout decides everything else, and nothing outside this module knows which one runs:
 
-    "pmap"     `jax.pmap` over this process's devices (the design card's default). The state is
+    "pmap"     `jax.pmap` over this process's devices (the default). The state is
                stacked, one copy per local device; a batch gets a leading local-device axis.
     "sharded"  one `jax.jit` of `jax.shard_map` over a one-axis mesh of every device of every
                process, as JAX recommends (pmap is in maintenance mode). The

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 from resnet_jax.data import tfds_writer  # noqa: E402
 
 # CIFAR-10's real images (JPEG folders, .tar.xz): the tests' data sets are made of them where the
-# archive exists (this repository's workplace keeps it in ../shared/data), and of the writer's
+# archive exists ($CIFAR10_ARCHIVE, by default a folder beside the repository), and of the writer's
 # learnable synthetic stand-ins elsewhere, so the suite runs anywhere the package is installed.
 CIFAR10_ARCHIVE = os.environ.get("CIFAR10_ARCHIVE", os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.tar.xz"))
 
