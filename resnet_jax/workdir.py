@@ -88,13 +88,6 @@ class Lock:
         if self._read() == self.owner:
             os.unlink(self.path)
 
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
 
 def _get(config: dict, dotted: str):
     for key in dotted.split("."):
@@ -131,7 +124,7 @@ class MetricsLog:
     """Appends records to metrics.jsonl (skipping any (step, split) already there, as after a
     resume from an earlier checkpoint) and mirrors them to TensorBoard."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.seen = {(r["step"], r["split"]) for r in read_metrics(self.path)}
         if os.path.exists(self.path) and os.path.getsize(self.path):
@@ -139,11 +132,9 @@ class MetricsLog:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
-        self.writer = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(workdir)
+        self.writer = SummaryWriter(workdir)
 
     def write(self, record: dict) -> None:
         key = (record["step"], record["split"])
@@ -152,11 +143,10 @@ class MetricsLog:
         self.seen.add(key)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer:
-            for name, value in record.items():
-                if name not in ("step", "split", "epoch"):
-                    self.writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
-            self.writer.flush()
+        for name, value in record.items():
+            if name not in ("step", "split", "epoch"):
+                self.writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer:

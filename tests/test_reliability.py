@@ -265,13 +265,14 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
-    with workdir_lib.Lock(str(tmp_path)):
-        assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
-    assert not (tmp_path / "lock").exists()
+    lock = workdir_lib.Lock(str(tmp_path))
+    lock.acquire()
+    assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
     # A live owner (this process, seen from a second lock) is respected.
-    with workdir_lib.Lock(str(tmp_path)):
-        with pytest.raises(Error, match="is in use by pid"):
-            workdir_lib.Lock(str(tmp_path)).acquire()
+    with pytest.raises(Error, match="is in use by pid"):
+        workdir_lib.Lock(str(tmp_path)).acquire()
+    lock.release()
+    assert not (tmp_path / "lock").exists()
 
 
 @pytest.mark.slow
@@ -398,7 +399,7 @@ def test_missing_or_corrupt_data_through_run_py(tiny_data_dir, tmp_path):
 
 def test_metrics_log_survives_a_torn_last_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "split": "train", "loss": 1.0}\n{"step": 10, "spl')
-    log = workdir_lib.MetricsLog(str(tmp_path), tensorboard=False)
+    log = workdir_lib.MetricsLog(str(tmp_path))
     log.write({"step": 5, "split": "train", "loss": 1.0})  # already there: skipped
     log.write({"step": 10, "split": "train", "loss": 0.5})
     assert read_metrics(str(tmp_path / "metrics.jsonl")) == [

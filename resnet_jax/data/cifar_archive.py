@@ -9,7 +9,6 @@ set prepared here holds the same examples, ids and order as tfds.builder(...).do
 """
 
 import hashlib
-import io
 import tarfile
 from typing import Dict, Sequence, Tuple
 
@@ -75,25 +74,3 @@ def read(path: str, name: str) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[s
         arrays["id"] = [f"{split}_{i:05d}" for i in order]
         splits[split] = arrays
     return splits, label_names
-
-
-def write(path: str, name: str, splits: Dict[str, Dict[str, np.ndarray]], label_names: Dict[str, Sequence[str]]):
-    """Writes `splits` ({split: {"image", label features}}, in file order) as data set `name`'s
-    official archive at `path` (a .tar.gz): an offline stand-in for the download, for tests."""
-    _, folder, files, label_files = ARCHIVES[name]
-
-    def add(tar, file, data):
-        info = tarfile.TarInfo(f"{folder}/{file}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-    with tarfile.open(path, "w:gz") as tar:
-        for key, file in label_files.items():
-            add(tar, file, ("\n".join(label_names[key]) + "\n").encode())
-        for split, split_files in files.items():
-            arrays = splits[split]
-            labels = [np.asarray(arrays[key], np.uint8)[:, None] for key in label_files]
-            pixels = np.asarray(arrays["image"], np.uint8).transpose(0, 3, 1, 2).reshape(len(arrays["image"]), -1)
-            records = np.concatenate([*labels, pixels], axis=1)
-            for file, part in zip(split_files, np.array_split(records, len(split_files))):
-                add(tar, file, part.tobytes())
