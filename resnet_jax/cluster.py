@@ -25,12 +25,21 @@ NAMES = {
 }
 
 
+def jax_internals():
+    """jax's cluster environments, in the order jax.distributed.initialize() tries them, and its
+    distributed state (the coordinator joined): no public API exposes them, so this is the one
+    place the project reads jax's private modules (tests/test_cluster.py names a release that
+    moves them)."""
+    from jax._src import clusters, distributed
+
+    return clusters.ClusterEnv._cluster_types, distributed.global_state
+
+
 def detect() -> Optional[str]:
     """The name of the cluster environment that jax.distributed.initialize() would join through,
     or None: none is present, or its job runs one process."""
-    from jax._src import clusters  # jax's own detection; no public API exposes it
-
-    for env in clusters.ClusterEnv._cluster_types:  # in jax's order, as jax.distributed.initialize() tries them
+    cluster_types, _ = jax_internals()
+    for env in cluster_types:
         if env.opt_in_only_method:  # mpi4py: only when asked for by name
             continue
         # Every pod sees KUBERNETES_SERVICE_HOST; only an Indexed Job's pods have an index to join with.
@@ -67,14 +76,14 @@ def log_joined(how: Optional[str]) -> None:
     if how is None:
         return
     import jax
-    from jax._src import distributed
 
+    _, distributed_state = jax_internals()
     logging.info(
         "cluster: %s, process %d of %d, coordinator %s",
         how,
         jax.process_index(),
         jax.process_count(),
-        distributed.global_state.coordinator_address,
+        distributed_state.coordinator_address,
     )
 
 

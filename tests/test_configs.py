@@ -180,5 +180,8 @@ def test_loading_a_config_file_raises_no_deprecation_warning():
         cwd=ROOT,
         timeout=300,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, (
+        "ml_collections' config loader changed (run.py's _load_source replaces its private "
+        "config_flags._load_source: adapt or drop it): " + done.stderr[-2000:]
+    )
     assert "resnet8 for cifar10" in done.stdout
