@@ -27,8 +27,8 @@ def test_the_configs_the_readme_promises_exist():
         "resnet20",
         "resnet56",
         "resnet110",
-        "seed",
         "smoke",
+        "tutorial",
         "resnet9_fast",
         "cifar100",
         "resnet18_mix",
@@ -55,8 +55,13 @@ def test_flagship_and_he_recipes():
         assert [float(schedule(s)) for s in (0, 8199, 8200, 12299, 12300)] == pytest.approx(
             [0.1, 0.1, 0.01, 0.01, 0.001]
         )
-    seed = load("seed")
-    assert (seed.model.stem, seed.batch_size, seed.learning_rate, seed.data.augment) == ("imagenet", 4, 0.001, False)
+    tutorial = load("tutorial")
+    assert (tutorial.model.stem, tutorial.batch_size, tutorial.learning_rate, tutorial.data.augment) == (
+        "imagenet",
+        4,
+        0.001,
+        False,
+    )
 
 
 def test_page_resnet9_and_cifar100_recipes():
