@@ -25,6 +25,7 @@ from resnet_jax import cluster, xla_flags
 from resnet_jax.errors import Error, RunFailure
 
 xla_flags.set_cpu_defaults()  # Before anything imports jax.
+xla_flags.set_compilation_cache()
 
 
 def _load_source(module_name: str, module_path: str):

@@ -1,4 +1,5 @@
-"""XLA:CPU defaults that the entry points set before JAX is imported.
+"""Defaults that the entry points set before JAX is imported: XLA:CPU's flags, and JAX's
+persistent compilation cache.
 
 XLA:CPU hands every convolution to YNNPACK, whose convolutions are much slower than XLA's
 own (Eigen) ones on a few CPU cores, and leaves the elementwise ops to its loop emitter,
@@ -12,6 +13,9 @@ set as is for the jaxlib releases in MEASURED_JAXLIB, where its speed-up was che
 a child process first checks that XLA still accepts it, and if XLA refuses it the run
 goes on without it and says so on stderr: neither dropped silently nor fatal. A value the
 user chose is never overridden.
+
+The compilation cache keeps every compiled step on disk, so a resumed or repeated run of the
+same config on the same machine skips compilation (docs/training.md, "Compilation cache").
 """
 
 import importlib.metadata
@@ -62,3 +66,10 @@ def set_cpu_defaults(environ=os.environ) -> None:
             continue
         flags = f"{flags} {flag}".strip()
     environ["XLA_FLAGS"] = flags
+
+
+def set_compilation_cache(environ=os.environ) -> None:
+    """Turns on JAX's persistent compilation cache in $XDG_CACHE_HOME/resnet_jax/jax (by default
+    ~/.cache/resnet_jax/jax), unless JAX_COMPILATION_CACHE_DIR names another. Call before `import jax`."""
+    cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache_home, "resnet_jax", "jax"))

@@ -1,9 +1,13 @@
 """The XLA:CPU defaults that run.py sets before importing jax."""
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import ROOT
 from resnet_jax import xla_flags
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -63,3 +67,29 @@ def test_a_newer_jaxlib_gets_the_flag_only_if_its_xla_accepts_it(monkeypatch, ca
         assert environ["XLA_FLAGS"] == ""
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "refuses" in err and "xla_flags.py" in err
+
+
+def test_the_compilation_cache_defaults_to_the_users_cache_folder_and_gives_way_to_jaxs_variable(tmp_path):
+    environ = {"XDG_CACHE_HOME": str(tmp_path)}
+    xla_flags.set_compilation_cache(environ)
+    assert environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "resnet_jax" / "jax")
+    environ = {"JAX_COMPILATION_CACHE_DIR": "elsewhere", "XDG_CACHE_HOME": str(tmp_path)}
+    xla_flags.set_compilation_cache(environ)
+    assert environ["JAX_COMPILATION_CACHE_DIR"] == "elsewhere"
+
+
+def test_jax_compiles_into_the_default_cache_folder(tmp_path):
+    """jax takes the folder set before its import: a compiled function lands in it."""
+    code = (
+        "import os, sys; sys.path.insert(0, os.getcwd()); from resnet_jax import xla_flags;"
+        " xla_flags.set_compilation_cache(); import jax, jax.numpy as jnp;"
+        " print(jax.config.jax_compilation_cache_dir);"
+        " jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cache = tmp_path / "resnet_jax" / "jax"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(cache)
+    assert [p for p in cache.iterdir() if p.name.startswith("jit_")], sorted(p.name for p in cache.iterdir())
