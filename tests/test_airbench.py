@@ -2,7 +2,9 @@
 whitening init, airbench's optimizer form (kilostep-scaled learning rate and decay on the summed
 loss, BatchNorm biases at 64x, frozen parameters), its schedule, lookahead, the alternating flip
 and the mirror-translate TTA, each against airbench's own formulas (KellerJordan/cifar10-airbench),
-then through real train steps: freezing, 1 device against 8, a bitwise resume, bad input."""
+then through real train steps: freezing, 1 device against 8, a bitwise resume, bad input. And
+against airbench's own code run on the same weights and images (a committed fixture): the
+logits, two train steps' updates and BatchNorm statistics, and the whitening kernel."""
 
 import functools
 import os
@@ -499,7 +501,7 @@ def update_gaps(recipe_steps) -> dict:
             if name == "whiten/kernel":  # frozen in both (airbench: requires_grad=False)
                 assert not ours.any() and not their_update.any()
                 continue
-            # Per output channel of a kernel: the TINY channels' updates are 1,000x the others'.
+            # Per output channel of a kernel: the TINY channels' updates are ~1,000x the others'.
             axes = tuple(range(ours.ndim - 1)) if ours.ndim > 1 else None
             scale = np.abs(their_update).max(axis=axes, keepdims=True)
             assert (scale > 0).all(), (model, step, name)
@@ -534,17 +536,17 @@ def test_logits_in_train_and_eval_mode_are_airbenchs(recipe_steps):
     """The first batch's logits from the starting weights. Measured gap: 8.5e-7 (train mode), 8.1e-7
     (eval mode). Each group's first conv has a channel of batch variance ~1e-6, which BatchNorm's
     eps of 1e-12 (airbench's) normalises to unit variance and an eps of 1e-5 to about 0.3 of it."""
-    gaps = logits_gaps(recipe_steps)
-    assert max(gaps.values()) <= LOGITS_ATOL, gaps
+    for mode, gap in logits_gaps(recipe_steps).items():
+        assert gap <= LOGITS_ATOL, f"{mode} mode: logits off by {gap:.2e}"
 
 
 def test_the_first_steps_learning_rate_is_airbenchs(recipe_steps):
-    """airbench's SGD held these learning rates (BatchNorm biases', the rest's) at steps 0 and 1 of
-    its schedule over the recipe's steps; the rest's is ours, the biases' 64x it (airbench's bias_scaler)."""
+    """The learning rate of steps 0 and 1 is the one airbench's SGD held for its parameters other
+    than BatchNorm's biases: its get_lr over the recipe's 528 (airbench93) or 476 steps, times
+    11.5 / kilostep_scale. (The biases' 64x is held by the updates, below.)"""
     _, theirs, setup, _ = recipe_steps
-    for step, (biases, rest) in enumerate(theirs["lr"]):
-        assert float(setup.learning_rate_fn(step)) == pytest.approx(rest, rel=1e-6)
-        assert biases == pytest.approx(rest * float(theirs["hyp/bias_scaler"]), rel=1e-6)
+    for step, (_, rest) in enumerate(theirs["lr"]):
+        assert float(setup.learning_rate_fn(step)) == pytest.approx(rest, rel=1e-6), step
 
 
 def test_two_train_steps_update_the_params_as_airbenchs_optimizer(recipe_steps):
