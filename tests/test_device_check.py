@@ -7,6 +7,7 @@ import runpy
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 
@@ -23,24 +24,48 @@ def load_device_check():
     return module
 
 
+def write_wheel(folder, name, version):
+    """A pure-Python wheel of package `name`, whose `VERSION` is `version`."""
+    dist_info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{name}/__init__.py", f"VERSION = {version!r}\n")
+        wheel.writestr(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        wheel.writestr(f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{dist_info}/RECORD", "")
+
+
 @pytest.mark.slow
 def test_dry_run_completes_every_stage_and_writes_every_field(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels, "device_check_probe", "1.0")  # which this Python lacks: installed
+    write_wheel(wheels, "numpy", "0.0.1")  # which it has: left alone
+    out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), "--out", str(tmp_path), "--dry-run"],
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "device_check.py"),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--wheels",
+            str(wheels),
+        ],  # fmt: skip
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads((tmp_path / "device_check.json").read_text())
-    log = (tmp_path / "device_check.log").read_text()
+    result = json.loads((out / "device_check.json").read_text())
+    log = (out / "device_check.log").read_text()
     assert result["dry_run"] is True and result["total_seconds"] < result["budget_seconds"]
     for stage in STAGES:
         assert result[stage]["status"] == "ok", (stage, result[stage], log[-3000:])
     assert result["jax_version"] and result["backend"] == "cpu" and result["device_count"] == 8
     setup = result["setup"]
-    assert (setup["train_examples"], setup["test_examples"], setup["wheels_installed"]) == (640, 100, 0)
+    assert (setup["train_examples"], setup["test_examples"], setup["wheels_installed"]) == (640, 100, 1)
+    assert (out / "site" / "device_check_probe").is_dir() and not (out / "site" / "numpy").exists()
     assert result["tests"]["passed"] >= 1 and "failed" not in result["tests"]
     speed = result["speed"]
     for dtype in ("float32", "bfloat16"):
