@@ -39,21 +39,8 @@ def run_json(command):
 
 def commands(args):
     """The JAX command lines (one per --jax-python) and the PyTorch one, for one round."""
-    common = [
-        "--model",
-        args.model,
-        "--stem",
-        args.stem,
-        "--batch-size",
-        str(args.batch_size),
-        "--dtype",
-        args.dtype,
-        "--steps",
-        str(args.steps),
-        "--repeats",
-        str(args.repeats),
-        "--json",
-    ]
+    common = f"--model {args.model} --stem {args.stem} --batch-size {args.batch_size} --dtype {args.dtype}"
+    common = [*f"{common} --steps {args.steps} --repeats {args.repeats} --json".split()]
     jax_flags = ["--train-only"] + (["--no-augment"] if args.no_augment else [])
     jax_commands = [[python, os.path.join(HERE, "throughput.py"), *common, *jax_flags] for python in args.jax_python]
     torch_command = [sys.executable, os.path.join(HERE, "torch_reference.py"), *common, "--device", "cpu"]
@@ -91,18 +78,9 @@ def compare(args):
                 "median_relative_to_first": round(statistics.median(relative), 3),
             }
         )
-    return {
-        "model": args.model,
-        "stem": args.stem,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "augment": not args.no_augment,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "rounds": rounds,
-        **{k: per_jax[0][k] for k in ("median_ratio", "min_ratio", "max_ratio")},
-        "per_jax": per_jax,
-    }
+    settings = {k: getattr(args, k) for k in ("model", "stem", "batch_size", "dtype", "steps", "repeats")}
+    first = {k: per_jax[0][k] for k in ("median_ratio", "min_ratio", "max_ratio")}
+    return {**settings, "augment": not args.no_augment, "rounds": rounds, **first, "per_jax": per_jax}
 
 
 def main():

@@ -1,33 +1,28 @@
 """Training and evaluation throughput of the trainer's own parallel steps, on synthetic data.
 
-Runs `train.Setup(...).parallel_train_step()` and `parallel_eval_step()` (the functions `run.py` trains
-and evaluates with, on-device augmentation included, under the XLA flags run.py sets) on
-a synthetic uint8 data set of random images (`--num-train` of them in memory, CIFAR-10's
-50,000 by default), on every local device of the current backend, and reports:
+Runs `train.Setup(...).parallel_train_step()` and `parallel_eval_step()` (the functions `run.py` trains and evaluates
+with, on-device augmentation included, under the XLA flags run.py sets) on a synthetic uint8 data set of random
+images (`--num-train` of them in memory, CIFAR-10's 50,000 by default), on every local device of the current
+backend, and reports:
 
-* train_images_per_sec: the median over `--repeats` timings of `--steps` train steps,
-  after compilation; each step takes its batch from `Setup.train_batches` (host batching
-  and a prefetched transfer), as the training loop does;
+* train_images_per_sec: the median over `--repeats` timings of `--steps` train steps, after compilation; each step
+  takes its batch from `Setup.train_batches` (host batching and a prefetched transfer), as the training loop does;
 * eval_images_per_sec: the same for the eval step, on one test batch;
 * compile_seconds: the first train step (tracing, compilation and one step);
-* input_wait_share: (t_fed - t_resident) / t_fed, the share of a train step fed by the
-  input pipeline (host batching, transfer, prefetch) spent waiting for it, against steps that
-  reuse one batch already on the devices, timed alternately; input_leaves_devices_idle is
-  whether it is over INPUT_WAIT_TOLERANCE (timing noise);
-* train_flops_per_step, train_tflops_per_sec: the FLOPs of one global train step, from XLA's
-  cost analysis, and the rate the timed steps achieved (MFU: divide by the devices' peak);
-* augmentation_share: (t_aug - t_noaug) / t_aug, the share of the train step spent on
-  augmentation, against the same step compiled with data.augment=False, timed alternately;
-* peak_host_memory_mb: ru_maxrss of this process. With --train-only it is what a training
-  run holds (the data, one train state, one compiled step); otherwise it also counts the
-  second, augmentation-free step and the eval step;
-* device_peak_memory_mb: from device.memory_stats(); None where the backend reports none
-  (the CPU);
-* memory_breakdown_mb (not with --train-only): what the peak is made of: the uint8 data
-  set in host memory, one copy of the train state (params, BatchNorm statistics,
-  optimizer state), and the scratch buffers XLA's compiled train and eval steps
-  allocate per call (`memory_analysis().temp_size_in_bytes`: the activations kept for
-  the backward pass, mostly).
+* input_wait_share: (t_fed - t_resident) / t_fed, the share of a train step fed by the input pipeline (host
+  batching, transfer, prefetch) spent waiting for it, against steps that reuse one batch already on the devices,
+  timed alternately; input_leaves_devices_idle is whether it is over INPUT_WAIT_TOLERANCE (timing noise);
+* train_flops_per_step, train_tflops_per_sec: the FLOPs of one global train step, from XLA's cost analysis, and the
+  rate the timed steps achieved (MFU: divide by the devices' peak);
+* augmentation_share: (t_aug - t_noaug) / t_aug, the share of the train step spent on augmentation, against the
+  same step compiled with data.augment=False, timed alternately;
+* peak_host_memory_mb: ru_maxrss of this process. With --train-only it is what a training run holds (the data, one
+  train state, one compiled step); otherwise it also counts the second, augmentation-free step and the eval step;
+* device_peak_memory_mb: from device.memory_stats(); None where the backend reports none (the CPU);
+* memory_breakdown_mb (not with --train-only): what the peak is made of: the uint8 data set in host memory, one
+  copy of the train state (params, BatchNorm statistics, optimizer state), and the scratch buffers XLA's compiled
+  train and eval steps allocate per call (`memory_analysis().temp_size_in_bytes`: the activations kept for the
+  backward pass, mostly).
 
     python benchmarks/throughput.py --model resnet18 --stem cifar --batch-size 128 [--dtype bfloat16]
                                     [--eval-batch-size N] [--steps 5] [--repeats 3] [--no-augment] [--train-only]
@@ -37,10 +32,10 @@ a synthetic uint8 data set of random images (`--num-train` of them in memory, CI
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
+import runpy
 import statistics
 import sys
 import time
@@ -64,19 +59,9 @@ CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 INPUT_WAIT_TOLERANCE = 0.03  # fed steps this much slower than resident ones: the input side stalls the devices
 
 
-def load_config(path):
-    """The `get_config()` of a config file, or the default config when `path` is None."""
-    if path is None:
-        return default.get_config()
-    spec = importlib.util.spec_from_file_location("benchmarked_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def make_config(args):
     """The config to benchmark: `--config` (or the default), overridden by the explicit flags."""
-    config = load_config(args.config)
+    config = runpy.run_path(args.config)["get_config"]() if args.config else default.get_config()
     for field, value in (("name", args.model), ("stem", args.stem), ("dtype", args.dtype)):
         if value is not None:
             config.model[field] = value
@@ -216,19 +201,16 @@ def benchmark(config, dataset, devices, steps, repeats, train_only=False, breakd
         resident_seconds.append(loop.run(steps, resident=True))
         if plain:
             plain_seconds.append(plain.run(steps))
-    result["train_images_per_sec"] = round(steps * config.batch_size / statistics.median(seconds), 1)
+    t_fed, t_resident = statistics.median(seconds), statistics.median(resident_seconds)
+    result["train_images_per_sec"] = round(steps * config.batch_size / t_fed, 1)
     result["train_flops_per_step"] = train_step_flops(setup, devices) * len(devices)
-    result["train_tflops_per_sec"] = round(
-        result["train_flops_per_step"] * steps / statistics.median(seconds) / 1e12, 3
-    )
+    result["train_tflops_per_sec"] = round(result["train_flops_per_step"] * steps / t_fed / 1e12, 3)
     # The devices wait for input only if steps fed by the input pipeline are slower than steps
     # on a batch already there.
-    t_fed, t_resident = statistics.median(seconds), statistics.median(resident_seconds)
     result["input_wait_share"] = round(max(0.0, (t_fed - t_resident) / t_fed), 4)
     result["input_leaves_devices_idle"] = result["input_wait_share"] > INPUT_WAIT_TOLERANCE
     if plain:
-        t_aug, t_plain = statistics.median(seconds), statistics.median(plain_seconds)
-        result["augmentation_share"] = round((t_aug - t_plain) / t_aug, 4)
+        result["augmentation_share"] = round((t_fed - statistics.median(plain_seconds)) / t_fed, 4)
     if not train_only:
         result["eval_images_per_sec"] = round(eval_images_per_sec(setup, devices, loop.state, steps, repeats), 1)
     result["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -286,12 +268,8 @@ def main():
         "dtype": config.model.dtype,
         "parallel": config.parallel,
         "augment": config.data.augment,
-        "mixup_alpha": config.mixup_alpha,
-        "cutmix_alpha": config.cutmix_alpha,
-        "mix_prob": config.mix_prob,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "num_train": args.num_train,
+        **{k: config[k] for k in ("mixup_alpha", "cutmix_alpha", "mix_prob")},
+        **{k: getattr(args, k) for k in ("steps", "repeats", "num_train")},
     }
     result.update(benchmark(config, dataset, devices, args.steps, args.repeats, args.train_only, not args.no_breakdown))
     if not args.json:

@@ -166,20 +166,10 @@ def main():
         args.stem, args.batch_size, args.steps, args.dtype, args.device, args.model, args.repeats, args.warmup
     )
     device = resolve_device(args.device)
-    result = {
-        "framework": "pytorch",
-        "torch_version": torch.__version__,
-        "backend": device.type,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "num_threads": torch.get_num_threads(),
-        "model": args.model,
-        "stem": args.stem,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "train_images_per_sec": round(rate, 1),
-    }
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    settings = {k: v for k, v in vars(args).items() if k not in ("device", "json")}
+    result = {"framework": "pytorch", "torch_version": torch.__version__, "backend": device.type, "device": name}
+    result.update(settings, num_threads=torch.get_num_threads(), train_images_per_sec=round(rate, 1))
     if not args.json:
         print(
             f"{args.model} ({args.stem} stem) {args.dtype} batch {args.batch_size} on {result['device']}: "
