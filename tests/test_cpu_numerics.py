@@ -4,8 +4,9 @@ jaxlib 0.10.2's XLA:CPU returns wrong sums for a jitted vmap of a matrix-vector 
 by a reduction (jax-ml/jax#39103), with and without the flag `resnet_jax/xla_flags.py` sets. Here
 a child process applies `xla_flags.set_cpu_defaults()` before importing jax, as `run.py` does,
 and jitted results are held against NumPy float64: that reproducer, and the train step's own
-reductions (BatchNorm statistics over a batch on one device and synced over 8, a summed
-cross-entropy). The same runs under jaxlib's default flags, which the rest of the suite uses.
+reductions (the BatchNorm statistics and output of the resnet18 recipe's model in train mode,
+through the device layout on one device and synced over 8; a summed cross-entropy). The same
+runs under jaxlib's default flags, which the rest of the suite uses.
 
 Run as a script, this file prints the child's results as JSON.
 """
@@ -20,17 +21,31 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-BATCH = (128, 32, 32, 64)  # ResNet-18's first activations at batch 128: 131,072 values per channel
+BATCH = (128, 32, 32, 3)  # images at batch 128: ResNet-18's first BatchNorm sees 131,072 values per channel
+FILTERS = 64  # ResNet-18's first BatchNorm's channels
 LOSS_BATCH = 65_536  # past the sizes where #39103 goes wrong (16,385 rows in float64, 32,769 in float32)
 
 
 def inputs():
     """The arrays both sides compute on (float32, as training)."""
     rng = np.random.default_rng(0)
-    activations = (rng.standard_normal(BATCH) * 2.0 + 0.5).astype(np.float32)
+    images = (rng.standard_normal(BATCH) * 2.0 + 0.5).astype(np.float32)
     logits = (rng.standard_normal((LOSS_BATCH, 10)) * 3.0).astype(np.float32)
     labels = rng.integers(0, 10, LOSS_BATCH)
-    return activations, logits, labels
+    return images, logits, labels
+
+
+def stem_taps():
+    """The one nonzero tap of the stem conv for each output channel: (dy, dx, input channel), all
+    27 in turn. Each output channel is then one input channel shifted (zero at the border), exactly."""
+    return [(t // 9, t // 3 % 3, t % 3) for t in (c % 27 for c in range(FILTERS))]
+
+
+def activations():
+    """The first BatchNorm's input in float64: `stem_taps` of the images."""
+    padded = np.pad(inputs()[0].astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    height, width = BATCH[1:3]
+    return np.stack([padded[:, dy : dy + height, dx : dx + width, c] for dy, dx, c in stem_taps()], axis=-1)
 
 
 def compute(project_flags: bool) -> dict:
@@ -44,25 +59,47 @@ def compute(project_flags: bool) -> dict:
     import jax
     import jax.numpy as jnp
     import jaxlib
-    from flax import linen as nn
 
-    from resnet_jax import train
+    from configs import resnet18
+    from resnet_jax import parallel, train
 
-    activations, logits, labels = inputs()
+    images, logits, labels = inputs()
     results = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib": jaxlib.__version__}
 
-    def batch_stats(x, axis_name=None):
-        norm = nn.BatchNorm(use_running_average=False, momentum=0.0, epsilon=1e-5, axis_name=axis_name)
-        y, updates = norm.apply(norm.init(jax.random.key(0), x), x, mutable=["batch_stats"])
-        stats = updates["batch_stats"]
-        return stats["mean"], stats["var"], y
+    # The recipe's model (sync BatchNorm) in train mode through the device layout: the stem conv
+    # made `stem_taps`, its BatchNorm at torch's init (scale 1, bias 0) with running statistics 0,
+    # which the pass sets to torch's momentum 0.1 times the batch's. XLA drops the later layers.
+    config = resnet18.get_config()
+    model = train.create_model(config, 10)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images[:1])
+    variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    kernel = variables["params"]["conv_init"]["kernel"]
+    for c, (dy, dx, channel) in enumerate(stem_taps()):
+        kernel[dy, dx, channel, c] = 1.0
+    variables["params"]["bn_init"]["scale"][:] = 1.0
 
-    mean, var, y = jax.jit(batch_stats)(activations)
-    results.update(bn_mean=mean, bn_var=var, bn_out_sum=jnp.sum(y, axis=(0, 1, 2)))
-    n = jax.device_count()
-    shards = activations.reshape(n, -1, *BATCH[1:])
-    mean, var, _ = jax.pmap(functools.partial(batch_stats, axis_name="i"), axis_name="i")(shards)
-    results.update(synced_bn_mean=mean[0], synced_bn_var=var[0], devices=n)
+    def first_batch_norm(variables, x):
+        _, state = model.apply(
+            variables,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda module, _: module.name == "bn_init",
+        )
+        stats = state["batch_stats"]["bn_init"]
+        return (
+            stats["mean"] / 0.1,
+            stats["var"] / 0.1,
+            jax.lax.psum(jnp.sum(state["intermediates"]["bn_init"]["__call__"][0], (0, 1, 2)), parallel.AXIS),
+        )
+
+    layout = parallel.layout(config.parallel)
+    for prefix, devices in (("bn", jax.local_devices()[:1]), ("synced_bn", jax.local_devices())):
+        shards = images.reshape(len(devices), -1, *BATCH[1:])
+        out = layout.map_step(first_batch_norm, devices)(layout.replicate(variables, devices), shards)
+        mean, var, out_sum = layout.unreplicate(out)
+        results.update({f"{prefix}_mean": mean, f"{prefix}_var": var, f"{prefix}_out_sum": out_sum})
+    results["devices"] = len(devices)
     results["loss_sum"] = jax.jit(lambda z, t: jnp.sum(train.cross_entropy(z, t, 10)))(logits, labels)
 
     jax.config.update("jax_enable_x64", True)
@@ -99,20 +136,21 @@ def test_jax_39103_reproducer(computed):
         np.testing.assert_allclose(computed[f"squares_{dtype}"], squares, rtol=rtol, err_msg=dtype)
 
 
-def test_batch_norm_statistics(computed):
-    x = inputs()[0].astype(np.float64)
+def batch_norm(x):
+    """The batch's mean and (biased, as flax keeps it) variance per channel, and the per-channel
+    sums of the normalised batch (~0, each of 131,072 terms), in float64."""
     mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
-    np.testing.assert_allclose(computed["bn_mean"], mean, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(computed["bn_var"], var, rtol=2e-6)
-    normalized = ((x - mean) / np.sqrt(var + 1e-5)).sum(axis=(0, 1, 2))  # ~0 per channel, 131,072 terms
-    np.testing.assert_allclose(computed["bn_out_sum"], normalized, rtol=0, atol=0.05)
+    return mean, var, ((x - mean) / np.sqrt(var + 1e-5)).sum(axis=(0, 1, 2))
 
 
-def test_batch_norm_statistics_synced_over_devices(computed):
-    x = inputs()[0].astype(np.float64)
+@pytest.mark.parametrize("prefix", ["bn", "synced_bn"])
+def test_batch_norm_statistics(computed, prefix):
+    """On one device, and synced over 8 (each normalising by the whole batch's statistics)."""
+    mean, var, normalized_sum = batch_norm(activations())
     assert computed["devices"] == 8
-    np.testing.assert_allclose(computed["synced_bn_mean"], x.mean(axis=(0, 1, 2)), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(computed["synced_bn_var"], x.var(axis=(0, 1, 2)), rtol=2e-6)
+    np.testing.assert_allclose(computed[f"{prefix}_mean"], mean, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(computed[f"{prefix}_var"], var, rtol=2e-6)
+    np.testing.assert_allclose(computed[f"{prefix}_out_sum"], normalized_sum, rtol=0, atol=0.05)
 
 
 def test_summed_cross_entropy(computed):
