@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 from test_image_folder import make_folder
+from test_predict import averaged_run_workdir
 from test_reliability import one_line_error
 
 from configs import smoke
@@ -316,18 +317,7 @@ def pretrained(small_data_dir, tmp_path_factory):
 def averaged_source(tiny_data_dir, tmp_path_factory):
     """A 9-step smoke run that keeps a weight average (ema_decay 0.9) and holds out a validation split:
     evaluated and checkpointed every 3 steps, so each of its checkpoints 3, 6 and 9 may be the best."""
-    workdir = str(tmp_path_factory.mktemp("averaged_source"))
-    run_smoke(
-        workdir,
-        f"--config.data.data_dir={tiny_data_dir}",
-        "--config.data.validation_examples=100",
-        "--config.ema_decay=0.9",
-        "--config.num_train_steps=9",
-        "--config.checkpoint_every_steps=3",
-        "--config.log_every_steps=3",
-        "--config.eval_every_epochs=0.375",  # 3 steps of the 8 in an epoch of 540 images
-    )
-    return workdir
+    return averaged_run_workdir(tiny_data_dir, tmp_path_factory)
 
 
 def raw_checkpoint(workdir, step: int) -> dict:
