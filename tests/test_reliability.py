@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, finish, flags_launch, run_cli, start_processes, wait_until
+from conftest import ROOT, TWO_HOSTS, finish, flags_launch, run_cli, start_processes, wait_until
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import Error
 from resnet_jax.workdir import read_metrics
@@ -227,6 +227,56 @@ def test_two_processes_skip_the_same_corrupt_checkpoint_and_resume_together(ten_
         25,
         30,
     ]
+
+
+# run.py for which process 1 of a run finds the checkpoint at CORRUPT_STEP corrupt, as after a
+# read through a cache of its own that returned damaged bytes: orbax reads the step, then the read
+# fails on that process only. The other process reads the same files and finds them whole.
+RUN_WITH_ONE_PROCESS_UNABLE_TO_READ = """
+import runpy, sys
+import orbax.checkpoint as ocp
+restore = ocp.CheckpointManager.restore
+def restore_or_fail(manager, step, *args, **kwargs):
+    restored = restore(manager, step, *args, **kwargs)
+    if step == CORRUPT_STEP and "--process_id=1" in sys.argv:
+        raise ValueError(f"checkpoint {step} corrupt on this process only")
+    return restored
+ocp.CheckpointManager.restore = restore_or_fail
+sys.argv[0] = "run.py"
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(ten_steps, tiny_data_dir, tmp_path):
+    workdir = copy_of(ten_steps, tmp_path)
+    script = RUN_WITH_ONE_PROCESS_UNABLE_TO_READ.replace("CORRUPT_STEP", "20")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args(tiny_data_dir, workdir, 20), *flags],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **TWO_HOSTS, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flags, env in flags_launch()
+    ]
+    try:
+        first, second = finish(processes, timeout=180)
+    except subprocess.TimeoutExpired:  # as when the processes resume from different steps and wait on each other
+        resumed = [re.findall(r"resumed from the checkpoint at step \d+", p.communicate()[1]) for p in processes]
+        pytest.fail(f"the two processes did not finish in 180 s; process 0, then 1: {resumed}")
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint at step 20 is unusable (ValueError: checkpoint 20 corrupt on this process only)" in second.stderr
+    assert "checkpoint at step 20 is unusable (unreadable on another process)" in first.stderr, first.stderr[-3000:]
+    for result in (first, second):
+        assert "resumed from the checkpoint at step 10" in result.stderr, result.stderr[-3000:]
+    assert steps_on_disk(workdir) == [10, 20]  # 20 saved again, from the resumed run
+    assert os.path.exists(workdir / "unusable_checkpoints" / "20")
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl")) if r["split"] == "train"] == [5, 10, 15, 20]
 
 
 @pytest.mark.slow
