@@ -133,11 +133,11 @@ def finish(processes, timeout=300):
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
 
 
-def wait_until(condition, timeout: float) -> None:
-    """Polls `condition()` every 20 ms until it holds or `timeout` seconds pass."""
+def wait_until(condition, timeout: float, interval: float = 0.02) -> None:
+    """Polls `condition()` every `interval` seconds until it holds or `timeout` seconds pass."""
     deadline = time.time() + timeout
     while time.time() < deadline and not condition():
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 def free_port(low=20000, high=40000):

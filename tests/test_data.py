@@ -1,7 +1,9 @@
 """The data layer on real-format tfds data: reading, batching, sharding, augmentation, errors."""
 
+import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -11,11 +13,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_reliability import one_line_error
 
 from configs import default
 from conftest import CIFAR10_ARCHIVE, ROOT
 from resnet_jax import parallel
-from resnet_jax.data import pipeline, registry, tfds_source
+from resnet_jax.data import pipeline, registry, tfds_source, tfds_writer
 from resnet_jax.data.dataset import channel_stats, validation_indices
 from resnet_jax.errors import Error
 
@@ -351,3 +354,117 @@ def test_training_on_array_record_data_never_imports_tensorflow(small_data_dir):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "8"]
+
+
+# ------------------------------------------------------------------------ the older tfrecord format
+
+
+def _crc32c_table():
+    table = []
+    for n in range(256):
+        for _ in range(8):
+            n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1
+        table.append(n)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C (Castagnoli), rotated right by 15 bits plus a constant."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def as_tfrecord(folder) -> None:
+    """Rewrites the tfds data set in `folder` (NAME/VERSION) from array_record to tfrecord, as
+    `download_and_prepare` writes it by default: the same tf.Examples, each framed as length,
+    its checksum, data, its checksum; `fileFormat` tfrecord in dataset_info.json."""
+    from array_record.python import array_record_module
+
+    for name in os.listdir(folder):
+        if ".array_record-" not in name:
+            continue
+        reader = array_record_module.ArrayRecordReader(os.path.join(folder, name))
+        records = reader.read_all()
+        reader.close()
+        os.remove(os.path.join(folder, name))
+        with open(os.path.join(folder, name.replace(".array_record-", ".tfrecord-")), "wb") as f:
+            for record in records:
+                length = struct.pack("<Q", len(record))
+                f.write(length + struct.pack("<I", masked_crc32c(length)) + record)
+                f.write(struct.pack("<I", masked_crc32c(record)))
+    info_path = os.path.join(folder, "dataset_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    info["fileFormat"] = "tfrecord"
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+
+
+def test_the_checksum_is_crc32c():
+    crc = (masked_crc32c(b"123456789") - 0xA282EAD8) & 0xFFFFFFFF
+    assert ((crc << 15) | (crc >> 17)) & 0xFFFFFFFF == 0xE3069283  # CRC-32C's check value
+
+
+@pytest.fixture(scope="module")
+def tfrecord_data(tmp_path_factory):
+    """(data_dir, splits): a 20 + 10 image cifar10 in the tfrecord format, and its images and labels."""
+    data_dir = str(tmp_path_factory.mktemp("tfrecord"))
+    splits = tfds_writer.synthetic(10, {"train": 20, "test": 10}, seed=3)
+    as_tfrecord(tfds_writer.write(data_dir, "cifar10", splits, {"label": tfds_writer.CIFAR10_LABELS}))
+    return data_dir, splits
+
+
+def test_a_tfrecord_data_set_is_read_through_tensorflow(tfrecord_data):
+    pytest.importorskip("tensorflow", reason="the tfrecord format is read through TensorFlow")
+    data_dir, splits = tfrecord_data
+    dataset = registry.load_dataset(data_config(data_dir))
+    assert dataset.class_names == tfds_writer.CIFAR10_LABELS
+    np.testing.assert_array_equal(dataset.train_images, splits["train"]["image"])
+    np.testing.assert_array_equal(dataset.train_labels, splits["train"]["label"])
+    np.testing.assert_array_equal(dataset.test_images, splits["test"]["image"])
+    np.testing.assert_array_equal(dataset.test_labels, splits["test"]["label"])
+
+
+# run.py where TensorFlow cannot be found, as where it is not installed: find_spec says None and
+# `import tensorflow` raises ModuleNotFoundError. (sys.modules["tensorflow"] = None would not do:
+# tfds takes any entry there for TensorFlow loaded.)
+RUN_WITHOUT_TENSORFLOW = """
+import importlib.machinery, runpy, sys
+
+class PathFinderWithoutTensorFlow(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            return None
+        return super().find_spec(name, path, target)
+
+sys.meta_path[:] = [
+    PathFinderWithoutTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path
+]
+sys.argv[0] = "run.py"
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+def test_a_tfrecord_data_set_without_tensorflow_fails_in_one_line_naming_the_fix(tfrecord_data, tmp_path):
+    data_dir, _ = tfrecord_data
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_WITHOUT_TENSORFLOW, "--config", "configs/smoke.py"]
+        + [f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={data_dir}", "--config.num_train_steps=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    folder = os.path.join(data_dir, "cifar10", "3.0.2")
+    assert one_line_error(result, 2) == (
+        f"error: {folder} holds cifar10 in the tfrecord format, which only TensorFlow reads: pip install "
+        "tensorflow-cpu, or point --config.data.data_dir at an empty folder to prepare an array_record copy there"
+    )
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")

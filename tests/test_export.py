@@ -11,7 +11,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_predict import smoke_run_workdir
+from test_predict import (
+    averaged_run_config,
+    averaged_run_workdir,
+    checkpoint_weights,
+    smoke_model_logits,
+    smoke_run_workdir,
+)
 
 from configs import smoke
 from conftest import ROOT, run_cli
@@ -136,6 +142,47 @@ def test_the_stablehlo_is_lowered_for_every_platform_it_names(exported):
     with open(os.path.join(exported[0], "export", "model.stablehlo"), "rb") as f:
         platforms = jax_export.deserialize(bytearray(f.read())).platforms
     assert tuple(platforms) == export.PLATFORMS == ("cpu", "cuda", "rocm", "tpu")
+
+
+@pytest.fixture(scope="module")
+def averaged_bfloat16_export(tiny_data_dir, tmp_path_factory):
+    """(the reloaded jax.export of a copy of the run with a weight average, its data set, its
+    checkpoint's weights), exported with model.dtype=bfloat16: the config the export is given
+    is the run's own (model.dtype is not a setting it compares with the run's config.json)."""
+    workdir = str(tmp_path_factory.mktemp("averaged_export") / "run")
+    shutil.copytree(averaged_run_workdir(tiny_data_dir, tmp_path_factory), workdir)
+    config = averaged_run_config(tiny_data_dir)
+    config.model.dtype, config.export_formats = "bfloat16", "stablehlo"
+    dataset = registry.load_dataset(config.data)
+    export.export_checkpoint(config, workdir, dataset)
+    from jax import export as jax_export
+
+    with open(os.path.join(workdir, "export", "model.stablehlo"), "rb") as f:
+        exported = jax_export.deserialize(bytearray(f.read()))
+    return exported, dataset, checkpoint_weights(workdir)
+
+
+@pytest.mark.slow
+def test_the_export_serves_the_weight_average(averaged_bfloat16_export):
+    exported, dataset, weights = averaged_bfloat16_export
+    logits = np.asarray(exported.call(dataset.test_images))
+    average = smoke_model_logits(weights["ema"], dataset, dataset.test_images)
+    np.testing.assert_allclose(logits, average, rtol=0, atol=ATOL, err_msg="the export is not the weight average")
+    last = smoke_model_logits(weights["params"], dataset, dataset.test_images)
+    assert np.abs(last - average).max() > 100 * ATOL  # the two sets of weights are told apart
+
+
+@pytest.mark.slow
+def test_the_export_computes_in_float32_after_bfloat16_training(averaged_bfloat16_export):
+    exported, dataset, weights = averaged_bfloat16_export
+    assert [a.dtype for a in exported.in_avals] == [np.uint8]
+    assert [a.dtype for a in exported.out_avals] == [np.float32]
+    assert "bf16" not in exported.mlir_module(), "the exported module computes in bfloat16"
+    logits = np.asarray(exported.call(dataset.test_images))
+    float32 = smoke_model_logits(weights["ema"], dataset, dataset.test_images)
+    np.testing.assert_allclose(logits, float32, rtol=0, atol=ATOL)
+    bfloat16 = smoke_model_logits(weights["ema"], dataset, dataset.test_images, dtype=jax.numpy.bfloat16)
+    assert np.abs(bfloat16 - float32).max() > 10 * ATOL  # bfloat16's logits are told apart at ATOL
 
 
 # run.py with the StableHLO export's reloaded function shifted by ten times PARITY_ATOL: the file

@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 from test_image_folder import make_folder
+from test_predict import averaged_run_workdir
 from test_reliability import one_line_error
 
 from configs import smoke
@@ -194,6 +195,58 @@ def test_torch_load_reads_weights_only(tmp_path, monkeypatch):
     assert_trees_equal(state.params, source["params"])
 
 
+class StandInTensor:
+    """What `finetune.read_state_dict` uses of a torch.Tensor, backed by a NumPy array."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+
+    def is_floating_point(self):
+        return np.issubdtype(self.array.dtype, np.floating)
+
+    def float(self):
+        return StandInTensor(self.array.astype(np.float32))
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.array
+
+
+def stand_in_torch(state_dict: dict, calls: list):
+    """A module named torch whose `load` records its arguments in `calls` and returns
+    `state_dict` as StandInTensors: how the loader calls torch, observable without torch."""
+    module = type(sys)("torch")
+    module.Tensor = StandInTensor
+
+    def load(path, *args, **kwargs):
+        calls.append({"path": str(path), "args": args, **kwargs})
+        return {k: StandInTensor(v) for k, v in state_dict.items()}
+
+    module.load = load
+    return module
+
+
+def test_a_pt_file_is_loaded_with_weights_only_where_torch_is_absent_too(tmp_path, monkeypatch):
+    """The .pt path's call of torch.load, held with or without torch installed: weights_only=True,
+    given explicitly (older torch releases default to unpickling anything)."""
+    source = random_variables(smoke_setup(10), seed=4)
+    state_dict = torchvision_state_dict(source, (1, 1, 1))
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"read by the stand-in torch.load only")
+    calls = []
+    monkeypatch.setitem(sys.modules, "torch", stand_in_torch(state_dict, calls))
+    state = fine_tune_state(smoke_setup(10), path)  # as --config.init_from=weights.pt reads it
+    assert len(calls) == 1 and calls[0]["path"] == str(path) and calls[0]["args"] == (), calls
+    assert calls[0].get("weights_only") is True, f"torch.load called without weights_only=True: {calls[0]}"
+    assert_trees_equal(state.params, source["params"])
+    assert_trees_equal(state.batch_stats, source["batch_stats"])
+
+
 def test_a_different_architecture_names_the_first_parameter_that_does_not_fit(tmp_path):
     state_dict = torchvision_state_dict(random_variables(smoke_setup(10), seed=3), (1, 1, 1))
     wide = dict(state_dict, **{"conv1.weight": np.ones((16, 3, 3, 3), np.float32)})  # a stem of 16 filters
@@ -264,18 +317,7 @@ def pretrained(small_data_dir, tmp_path_factory):
 def averaged_source(tiny_data_dir, tmp_path_factory):
     """A 9-step smoke run that keeps a weight average (ema_decay 0.9) and holds out a validation split:
     evaluated and checkpointed every 3 steps, so each of its checkpoints 3, 6 and 9 may be the best."""
-    workdir = str(tmp_path_factory.mktemp("averaged_source"))
-    run_smoke(
-        workdir,
-        f"--config.data.data_dir={tiny_data_dir}",
-        "--config.data.validation_examples=100",
-        "--config.ema_decay=0.9",
-        "--config.num_train_steps=9",
-        "--config.checkpoint_every_steps=3",
-        "--config.log_every_steps=3",
-        "--config.eval_every_epochs=0.375",  # 3 steps of the 8 in an epoch of 540 images
-    )
-    return workdir
+    return averaged_run_workdir(tiny_data_dir, tmp_path_factory)
 
 
 def raw_checkpoint(workdir, step: int) -> dict:

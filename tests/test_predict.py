@@ -2,12 +2,14 @@
 
 import io
 import json
+import os
 import re
 import struct
 import zlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -35,6 +37,84 @@ def smoke_run_workdir(data_dir, tmp_path_factory) -> str:
         assert result.returncode == 0, result.stderr[-3000:]
         _smoke_runs[data_dir] = workdir
     return _smoke_runs[data_dir]
+
+
+# A 9-step smoke run that keeps a weight average (ema_decay 0.9) and holds out a validation split:
+# evaluated and checkpointed every 3 steps (3 steps of the 8 in an epoch of 540 images).
+AVERAGED_RUN = (
+    "--config.data.validation_examples=100",
+    "--config.ema_decay=0.9",
+    "--config.num_train_steps=9",
+    "--config.checkpoint_every_steps=3",
+    "--config.log_every_steps=3",
+    "--config.eval_every_epochs=0.375",
+)
+_averaged_runs = {}  # data_dir -> workdir
+
+
+def averaged_run_workdir(data_dir, tmp_path_factory) -> str:
+    """The workdir of the AVERAGED_RUN on `data_dir`, trained once per session on one device
+    (test_finetune and test_export use it too)."""
+    if data_dir not in _averaged_runs:
+        workdir = str(tmp_path_factory.mktemp("averaged_run"))
+        result = run_cli(
+            *("--config", "configs/smoke.py", "--workdir", workdir, f"--config.data.data_dir={data_dir}"),
+            *AVERAGED_RUN,
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        _averaged_runs[data_dir] = workdir
+    return _averaged_runs[data_dir]
+
+
+def averaged_run_config(data_dir):
+    """The smoke config with AVERAGED_RUN's settings, as its --mode predict/export is given them."""
+    config = smoke.get_config()
+    config.data.data_dir = data_dir
+    config.data.validation_examples, config.ema_decay = 100, 0.9
+    return config
+
+
+def checkpoint_weights(workdir) -> dict:
+    """The newest checkpoint of `workdir` as orbax wrote it, read without a template:
+    {"params": its variables, "ema": its weight average's (None without one)}."""
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+    try:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    finally:
+        manager.close()
+    return {
+        "params": {"params": restored["params"], "batch_stats": restored["batch_stats"]},
+        "ema": restored.get("ema") or None,
+    }
+
+
+def smoke_model_logits(variables, dataset, images, dtype=np.float32, tta="none"):
+    """The smoke config's network (resnet8, 8 filters) in eval mode on uint8 `images`, normalised
+    by the data set's statistics, computing in `dtype`, as float32 logits. tta="flip_translate"
+    averages, as airbench's tta_level 2: half the image and its mirror, half the same over the
+    image shifted a pixel either way diagonally (reflect padding)."""
+    model = models.get_model("resnet8", num_classes=len(dataset.class_names), num_filters=8, dtype=dtype)
+    x = (np.asarray(images, np.float32) - dataset.mean) / dataset.std
+
+    def mirrored(x):
+        logits = np.asarray(model.apply(variables, x, train=False), np.float32)
+        if tta == "none":
+            return logits
+        return 0.5 * (logits + np.asarray(model.apply(variables, x[:, :, ::-1], train=False), np.float32))
+
+    if tta != "flip_translate":
+        return mirrored(x)
+    height, width = x.shape[1:3]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[:, :height, :width]) + mirrored(padded[:, 2:, 2:]))
+    return 0.5 * (mirrored(x) + shifted)
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +350,55 @@ def test_predict_json_reports_errors_as_lines(config, dataset, smoke_run, tmp_pa
     assert lines[0] == {"file": str(text), "error": "not an image file (Pillow cannot identify it)"}
     assert lines[1]["file"] == good[0] and len(lines[1]["top3"]) == 3
     assert sum(t["probability"] for t in lines[1]["top3"]) <= 1.0 + 1e-6
+
+
+def predicted(config, workdir, dataset, paths, capsys) -> list:
+    """--mode predict --json's answer for each of `paths`: (class indices, probabilities) of its top 3."""
+    assert predict.predict_files(config, workdir, paths, as_json=True, dataset=dataset) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == paths
+    return [
+        ([dataset.class_names.index(t["class"]) for t in line["top3"]], [t["probability"] for t in line["top3"]])
+        for line in lines
+    ]
+
+
+def largest_top3_difference(answers, probabilities) -> float:
+    return max(np.abs(np.asarray(p) - probabilities[i][k]).max() for i, (k, p) in enumerate(answers))
+
+
+@pytest.fixture(scope="module")
+def averaged_run(tiny_data_dir, tmp_path_factory):
+    return averaged_run_workdir(tiny_data_dir, tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_predict_uses_the_weight_average(averaged_run, tiny_data_dir, tmp_path, capsys):
+    config = averaged_run_config(tiny_data_dir)
+    dataset = registry.load_dataset(config.data)
+    indices = np.arange(50)
+    answers = predicted(config, averaged_run, dataset, save_pngs(dataset, indices, tmp_path), capsys)
+    weights = checkpoint_weights(averaged_run)
+    images = dataset.test_images[indices]
+    average, last = (softmax(smoke_model_logits(weights[k], dataset, images)) for k in ("ema", "params"))
+    assert largest_top3_difference(answers, average) < 1e-5, "predict does not apply the weight average"
+    assert largest_top3_difference(answers, last) > 1e-3  # the run's last weights are told apart
+
+
+@pytest.mark.slow
+def test_predict_averages_the_test_time_augmentations_eval_tta_names(config, dataset, smoke_run, tmp_path, capsys):
+    indices = np.arange(50)
+    paths = save_pngs(dataset, indices, tmp_path)
+    variables = checkpoint_weights(smoke_run)["params"]
+    images = dataset.test_images[indices]
+    plain = softmax(smoke_model_logits(variables, dataset, images))
+    for tta in ("flip", "flip_translate"):
+        tta_config = config.copy_and_resolve_references()
+        tta_config.eval_tta = tta
+        answers = predicted(tta_config, smoke_run, dataset, paths, capsys)
+        expected = softmax(smoke_model_logits(variables, dataset, images, tta=tta))
+        assert largest_top3_difference(answers, expected) < 1e-5, f"predict ignores eval_tta={tta}"
+        assert largest_top3_difference(answers, plain) > 1e-3  # the prediction without the views is told apart
 
 
 # ------------------------------------------------------------------------ --mode summary

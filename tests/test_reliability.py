@@ -1,8 +1,8 @@
 """Faults never lose saved work: each test provokes the failure for real and checks what is kept."""
 
+import functools
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, finish, flags_launch, run_cli, start_processes, wait_until
+from conftest import ROOT, TWO_HOSTS, finish, flags_launch, run_cli, start_processes, wait_until
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import Error
 from resnet_jax.workdir import read_metrics
@@ -72,6 +72,22 @@ def copy_of(workdir, tmp_path):
     return target
 
 
+def partial_saves(workdir):
+    """The checkpoint folders a save is still writing: orbax names them STEP.orbax-checkpoint-tmp*
+    until the save completes, then renames them STEP."""
+    return sorted(
+        d for d in os.listdir(os.path.join(workdir, "checkpoints")) if re.fullmatch(r"\d+\.orbax-checkpoint-tmp.*", d)
+    )
+
+
+def saving_past(process, workdir, before) -> bool:
+    """Whether `process` ended, or saved past the steps `before` (and more) and writes a save now."""
+    if process.poll() is not None:
+        return True
+    done = steps_on_disk(workdir) if (workdir / "checkpoints").exists() else []
+    return bool(done) and done[-1] > (before or [0])[-1] + 2 and bool(partial_saves(workdir))
+
+
 @pytest.mark.slow
 def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tmp_path):
     workdir = tmp_path / "run"
@@ -80,27 +96,26 @@ def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tiny_data_dir, tm
         os.path.join(ROOT, "run.py"),
         *args(tiny_data_dir, workdir, 40, "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2"),
     ]
-    rng = random.Random(0)
-    kills = 0
-    while kills < 3:
+    mid_save, attempts = [], 0
+    while len(mid_save) < 3 and attempts < 6:
+        attempts += 1
         before = steps_on_disk(workdir) if (workdir / "checkpoints").exists() else []
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # Wait until this run is saving (a checkpoint newer than it started from), then kill it mid-stream.
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            if (
-                (workdir / "checkpoints").exists()
-                and steps_on_disk(workdir)
-                and steps_on_disk(workdir)[-1] > (before or [0])[-1] + 2
-            ):
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
+        # Once this run has saved (a checkpoint newer than it started from, so the leftovers of the
+        # last kill are cleaned up), the next save's temporary folder appears: kill it then.
+        wait_until(functools.partial(saving_past, process, workdir, before), 120, interval=0.001)
         process.send_signal(signal.SIGKILL)
         process.communicate()
-        kills += 1
-        # What is left: complete checkpoints, at most one partial one, a stale lock.
-        assert steps_on_disk(workdir), "a kill lost every checkpoint"
+        assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
+        # A save's folder left under its temporary name: the kill landed while that save was
+        # being written (one that completed between the look and the kill is tried again).
+        partial = partial_saves(workdir) if (workdir / "checkpoints").exists() else []
+        if partial:
+            mid_save.append(partial)
+            # What is left: complete checkpoints beside the partial one, none taken for it.
+            assert steps_on_disk(workdir), "a kill lost every checkpoint"
+            assert int(partial[-1].split(".")[0]) > steps_on_disk(workdir)[-1], (partial, steps_on_disk(workdir))
+    assert len(mid_save) == 3, f"{len(mid_save)} of {attempts} kills landed during a save: {mid_save}"
     assert (workdir / "lock").exists()  # stale: its process is dead
 
     # Checkpoint folders are named by their step only once complete (orbax renames them then): the
@@ -212,6 +227,56 @@ def test_two_processes_skip_the_same_corrupt_checkpoint_and_resume_together(ten_
         25,
         30,
     ]
+
+
+# run.py for which process 1 of a run finds the checkpoint at CORRUPT_STEP corrupt, as after a
+# read through a cache of its own that returned damaged bytes: orbax reads the step, then the read
+# fails on that process only. The other process reads the same files and finds them whole.
+RUN_WITH_ONE_PROCESS_UNABLE_TO_READ = """
+import runpy, sys
+import orbax.checkpoint as ocp
+restore = ocp.CheckpointManager.restore
+def restore_or_fail(manager, step, *args, **kwargs):
+    restored = restore(manager, step, *args, **kwargs)
+    if step == CORRUPT_STEP and "--process_id=1" in sys.argv:
+        raise ValueError(f"checkpoint {step} corrupt on this process only")
+    return restored
+ocp.CheckpointManager.restore = restore_or_fail
+sys.argv[0] = "run.py"
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(ten_steps, tiny_data_dir, tmp_path):
+    workdir = copy_of(ten_steps, tmp_path)
+    script = RUN_WITH_ONE_PROCESS_UNABLE_TO_READ.replace("CORRUPT_STEP", "20")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args(tiny_data_dir, workdir, 20), *flags],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **TWO_HOSTS, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flags, env in flags_launch()
+    ]
+    try:
+        first, second = finish(processes, timeout=180)
+    except subprocess.TimeoutExpired:  # as when the processes resume from different steps and wait on each other
+        resumed = [re.findall(r"resumed from the checkpoint at step \d+", p.communicate()[1]) for p in processes]
+        pytest.fail(f"the two processes did not finish in 180 s; process 0, then 1: {resumed}")
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint at step 20 is unusable (ValueError: checkpoint 20 corrupt on this process only)" in second.stderr
+    assert "checkpoint at step 20 is unusable (unreadable on another process)" in first.stderr, first.stderr[-3000:]
+    for result in (first, second):
+        assert "resumed from the checkpoint at step 10" in result.stderr, result.stderr[-3000:]
+    assert steps_on_disk(workdir) == [10, 20]  # 20 saved again, from the resumed run
+    assert os.path.exists(workdir / "unusable_checkpoints" / "20")
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl")) if r["split"] == "train"] == [5, 10, 15, 20]
 
 
 @pytest.mark.slow
