@@ -22,21 +22,20 @@ from resnet_jax import xla_flags  # noqa: E402
 
 xla_flags.set_cpu_defaults()  # Before jax is imported.
 
-import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import resnet20_3epochs  # noqa: E402
-from resnet_jax import loop, models, train, workdir as workdir_lib  # noqa: E402
+from resnet_jax import loop, models, workdir as workdir_lib  # noqa: E402
 
 VARIANTS = ("ours", "lecun_init", "decay_all", "bn_momentum", "plain")
 
 
-def apply_variant(variant: str) -> None:
+def apply_variant(variant: str, config) -> None:
     if variant in ("lecun_init", "plain"):
         models.conv_kernel_init = nn.initializers.lecun_normal()
         models.dense_kernel_init = nn.initializers.lecun_normal()
     if variant in ("decay_all", "plain"):
-        train.decay_mask = lambda params: jax.tree_util.tree_map(lambda _: True, params)
+        config.param_rules = ((".*", 1, 1, -1),)
     if variant in ("bn_momentum", "plain"):
         get_model = models.get_model
         models.get_model = lambda name, **kw: get_model(name, bn_momentum=0.99, **kw)
@@ -49,8 +48,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args()
-    apply_variant(args.variant)
     config = resnet20_3epochs.get_config()
+    apply_variant(args.variant, config)
     config.data.data_dir, config.seed = args.data_dir, args.seed
     workdir_lib.prepare(args.workdir)
     loop.train_and_evaluate(config, args.workdir)

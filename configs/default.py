@@ -47,10 +47,8 @@ def get_config():
     config.lr_decay_factor = 0.1  # "piecewise": the lr is multiplied by this at each boundary
     config.momentum = 0.9  # SGD momentum
     config.nesterov = True  # Nesterov momentum
-    config.weight_decay = 5e-4  # L2 decay on conv and dense kernels only (not BN, not biases)
-    config.hyperparameter_form = "standard"  # or "airbench": lr, wd per 1,024 examples, loss summed (docs/training.md)
-    config.norm_lr_scale = 1.0  # learning-rate multiplier of BatchNorm's parameters ("airbench": their decay unchanged)
-    config.freeze = ""  # "NAME:EPOCHS,...": the parameter trains that many epochs (0: none), then gets no update
+    config.weight_decay = 5e-4  # L2 coefficient x param_rules' wd x; default rules: conv and dense kernels only
+    config.param_rules = ((".*/kernel", 1, 1, -1), (".*", 1, 0, -1))  # 1st match: (regex, lr x, wd x, epochs; -1: all)
     config.label_smoothing = 0.0  # label smoothing of the cross-entropy targets
     config.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) for the mixing weight; 0: off
     config.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) for the pasted box's area; 0: off (both on: one per batch)
