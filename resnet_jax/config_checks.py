@@ -81,8 +81,11 @@ def validate(config, device_count: int = None) -> None:
         raise Error(f"--config.mix_prob must be in [0, 1] (the share of batches mixed), got {config.mix_prob}")
     if config.weight_decay < 0 or config.grad_clip_norm < 0 or config.warmup_epochs < 0:
         raise Error("--config.weight_decay, grad_clip_norm and warmup_epochs must be >= 0")
-    if not all(0 < f < 1 for f in config.lr_boundaries):
-        raise Error(f"--config.lr_boundaries must be fractions of training in (0, 1), got {config.lr_boundaries}")
+    if not all(len(drop) == 2 and 0 < drop[0] < 1 for drop in config.lr_drops):
+        raise Error(
+            f"--config.lr_drops must be (fraction of training in (0, 1), factor) pairs, e.g. ((0.5, 0.1),),"
+            f" got {config.lr_drops}"
+        )
     for name in ("eval_checkpoint_step", "init_from_step"):
         step = str(config[name])
         if step not in ("latest", "best") and not step.isdigit():
@@ -96,7 +99,6 @@ def validate(config, device_count: int = None) -> None:
         if name == "onnx":
             raise Error(ONNX_REFUSED)
         _choice("export_formats", name, EXPORT_FORMATS)
-    _positive(config, "export_parity_examples")
 
 
 def _validate_optimizer_options(config) -> None:
@@ -107,11 +109,8 @@ def _validate_optimizer_options(config) -> None:
                 f"--config.param_rules: {rule!r} is not (name regex, lr multiplier >= 0, weight-decay multiplier"
                 f' >= 0, epochs it trains: -1 all, 0 none), e.g. (("whiten/kernel", 1, 1, 0), (".*", 1, 0, -1))'
             )
-    if config.lookahead_every < 0 or not 0 < config.lookahead_decay <= 1:
-        raise Error(
-            f"--config.lookahead_every must be >= 1 (0: off) and lookahead_decay in (0, 1], got"
-            f" {config.lookahead_every} and {config.lookahead_decay}"
-        )
+    if config.lookahead_every < 0:
+        raise Error(f"--config.lookahead_every must be >= 1 (0: off), got {config.lookahead_every}")
     if config.model.num_filters is not None and config.model.name in models.FIXED_WIDTH_MODELS:
         raise Error(f"--config.model.num_filters does not apply to {config.model.name}: its widths are fixed")
 

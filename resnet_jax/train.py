@@ -27,6 +27,7 @@ from resnet_jax.errors import Error
 SCHEDULES = ("cosine", "piecewise", "onecycle", "constant", "airbench")
 WHITENING_IMAGES = 5000  # the train images a whitening conv's kernel is computed from (airbench's)
 TTA_MODES = ("none", "flip", "flip_translate")
+LOOKAHEAD_DECAY = 0.95  # airbench's lookahead: its average's decay per step, decay^every x (step / steps)^3 at a move
 
 
 class TrainState(train_state.TrainState):
@@ -93,7 +94,7 @@ def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> opt
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1))
     if config.schedule == "piecewise":
         return optax.piecewise_constant_schedule(
-            peak, {int(f * num_steps): config.lr_decay_factor for f in config.lr_boundaries}
+            peak, {int(fraction * num_steps): factor for fraction, factor in config.lr_drops}
         )
     if config.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(num_steps, peak)
@@ -425,7 +426,7 @@ class Setup:
             label_smoothing=config.label_smoothing,
             ema_decay=config.ema_decay,
             mix_fn=self.mix_fn,
-            lookahead=(config.lookahead_every, config.lookahead_decay, self.num_steps),
+            lookahead=(config.lookahead_every, LOOKAHEAD_DECAY, self.num_steps),
         )
 
     def parallel_train_step(self, devices=None):
