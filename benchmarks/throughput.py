@@ -288,7 +288,6 @@ def main():
         "augment": config.data.augment,
         "mixup_alpha": config.mixup_alpha,
         "cutmix_alpha": config.cutmix_alpha,
-        "mix_prob": config.mix_prob,
         "steps": args.steps,
         "repeats": args.repeats,
         "num_train": args.num_train,

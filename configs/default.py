@@ -51,7 +51,6 @@ def get_config():
     config.label_smoothing = 0.0  # label smoothing of the cross-entropy targets
     config.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) for the mixing weight; 0: off
     config.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) for the pasted box's area; 0: off (both on: one per batch)
-    config.mix_prob = 1.0  # with Mixup or CutMix on, the share of batches mixed at all
     config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: off
     config.ema_decay = 0.0  # decay of the moving average of params and BN statistics that evaluation uses; 0: off
     config.lookahead_every = 0  # steps between airbench's lookahead moves of the weights to their average; 0: off

@@ -77,8 +77,6 @@ def validate(config, device_count: int = None) -> None:
     if config.mixup_alpha < 0 or config.cutmix_alpha < 0:
         alphas = f"{config.mixup_alpha}, {config.cutmix_alpha}"
         raise Error(f"--config.mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {alphas}")
-    if not 0 <= config.mix_prob <= 1:
-        raise Error(f"--config.mix_prob must be in [0, 1] (the share of batches mixed), got {config.mix_prob}")
     if config.weight_decay < 0 or config.grad_clip_norm < 0 or config.warmup_epochs < 0:
         raise Error("--config.weight_decay, grad_clip_norm and warmup_epochs must be >= 0")
     if not all(len(drop) == 2 and 0 < drop[0] < 1 for drop in config.lr_drops):

@@ -211,8 +211,8 @@ def eval_variables(state: TrainState) -> dict:
 
 
 def mixes(config) -> bool:
-    """Whether training mixes batches: Mixup or CutMix on, and some batches mixed."""
-    return (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and config.mix_prob > 0
+    """Whether training mixes batches: Mixup or CutMix on."""
+    return config.mixup_alpha > 0 or config.cutmix_alpha > 0
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0, partner_labels=None, lam=1.0):
@@ -389,7 +389,6 @@ class Setup:
                 jax.random.fold_in(jax.random.key(config.seed), 1),
                 mixup_alpha=config.mixup_alpha,
                 cutmix_alpha=config.cutmix_alpha,
-                mix_prob=config.mix_prob,
             )
 
     def with_weights(self, state: TrainState, variables: dict) -> TrainState:
