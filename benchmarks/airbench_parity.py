@@ -174,14 +174,17 @@ def main():
     ]
     images = np.stack([np.asarray(normalise(b["image"])) for b in batches])
     whitening_images = np.asarray(normalise(dataset.train_images[: train.WHITENING_IMAGES]))
+    # The recipe's hyperparameters in airbench's form: per 1,024 examples on the summed loss.
+    kilostep_scale = 1024 * (1 + 1 / (1 - config.momentum))
+    learning_rate = config.learning_rate * kilostep_scale / config.base_batch_size
     spec = {
         "model": args.model,
         "steps": args.steps,
         "total_steps": setup.num_steps,
         "momentum": config.momentum,
-        "learning_rate": config.learning_rate,
-        "weight_decay": config.weight_decay,
-        "bias_scaler": config.norm_lr_scale,
+        "learning_rate": learning_rate,
+        "weight_decay": config.weight_decay * learning_rate,
+        "bias_scaler": train.param_rules(config, setup.fresh_state.params)["group1_norm1"]["bias"][0],
         "label_smoothing": config.label_smoothing,
     }
     with tempfile.TemporaryDirectory() as tmp:

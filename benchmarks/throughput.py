@@ -268,7 +268,7 @@ def main():
         "dtype": config.model.dtype,
         "parallel": config.parallel,
         "augment": config.data.augment,
-        **{k: config[k] for k in ("mixup_alpha", "cutmix_alpha", "mix_prob")},
+        **{k: config[k] for k in ("mixup_alpha", "cutmix_alpha")},
         **{k: getattr(args, k) for k in ("steps", "repeats", "num_train")},
     }
     result.update(benchmark(config, dataset, devices, args.steps, args.repeats, args.train_only, not args.no_breakdown))

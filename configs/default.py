@@ -43,22 +43,17 @@ def get_config():
     config.base_batch_size = 256  # the peak learning rate scales by batch_size / base_batch_size
     config.schedule = "cosine"  # "cosine", "piecewise", "onecycle" or "constant"
     config.warmup_epochs = 1.0  # linear warmup at the start of "cosine" and "constant"
-    config.lr_boundaries = (0.5, 0.75)  # "piecewise": fractions of training where the lr drops
-    config.lr_decay_factor = 0.1  # "piecewise": the lr is multiplied by this at each boundary
+    config.lr_drops = ((0.5, 0.1), (0.75, 0.1))  # "piecewise": (fraction of training, factor the lr is multiplied by)
     config.momentum = 0.9  # SGD momentum
     config.nesterov = True  # Nesterov momentum
-    config.weight_decay = 5e-4  # L2 decay on conv and dense kernels only (not BN, not biases)
-    config.hyperparameter_form = "standard"  # or "airbench": lr, wd per 1,024 examples, loss summed (docs/training.md)
-    config.norm_lr_scale = 1.0  # learning-rate multiplier of BatchNorm's parameters ("airbench": their decay unchanged)
-    config.freeze = ""  # "NAME:EPOCHS,...": the parameter trains that many epochs (0: none), then gets no update
+    config.weight_decay = 5e-4  # L2 coefficient x param_rules' wd x; default rules: conv and dense kernels only
+    config.param_rules = ((".*/kernel", 1, 1, -1), (".*", 1, 0, -1))  # 1st match: (regex, lr x, wd x, epochs; -1: all)
     config.label_smoothing = 0.0  # label smoothing of the cross-entropy targets
     config.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) for the mixing weight; 0: off
     config.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) for the pasted box's area; 0: off (both on: one per batch)
-    config.mix_prob = 1.0  # with Mixup or CutMix on, the share of batches mixed at all
     config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: off
     config.ema_decay = 0.0  # decay of the moving average of params and BN statistics that evaluation uses; 0: off
     config.lookahead_every = 0  # steps between airbench's lookahead moves of the weights to their average; 0: off
-    config.lookahead_decay = 0.95  # lookahead's decay per step: decay^every x (step / steps)^3 at a move
     config.eval_tta = "none"  # test-time augmentation in evaluation: "none", "flip" or "flip_translate"
 
     config.parallel = "pmap"  # device layout: "pmap" (jax.pmap, local devices) or "sharded" (jax.jit over a mesh)
@@ -74,5 +69,4 @@ def get_config():
     config.init_from = config_dict.placeholder(str)  # fine-tune from a WORKDIR or a torchvision .pt/.safetensors
     config.init_from_step = "latest"  # init_from a WORKDIR: its "latest", "best" or a step number
     config.export_formats = "stablehlo,savedmodel"  # --mode export: the formats written to WORKDIR/export/
-    config.export_parity_examples = 256  # --mode export: test images each export must match the Flax model on
     return config

@@ -81,9 +81,20 @@ def close(manager: ocp.CheckpointManager) -> None:
         pass
 
 
-def _restore_step(manager, step: int, template):
+# What evaluation, predict and export read of a checkpoint: not the optimizer state, whose layout
+# may be another optimizer's.
+EVAL_PARTS = ("step", "params", "batch_stats", "ema")
+
+
+def _restore_step(manager, step: int, template, parts=None):
+    """The checkpoint of `step` into `template`; with `parts`, only those fields, the rest `template`'s."""
     _drop_failed_restore_noise()
-    restored = manager.restore(step, args=ocp.args.StandardRestore(flax.serialization.to_state_dict(template)))
+    full = flax.serialization.to_state_dict(template)
+    if parts is None:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(full))
+    else:
+        saved = manager.restore(step, args=ocp.args.StandardRestore())
+        restored = {**full, **{part: saved[part] for part in parts}}
     return flax.serialization.from_state_dict(template, restored)
 
 
@@ -110,17 +121,18 @@ def _drop_failed_restore_noise() -> None:
     sys.unraisablehook = hook
 
 
-def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optional[str] = None):
+def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optional[str] = None, parts=None):
     """Restores the newest usable checkpoint into `template` (or returns `template` if there
-    are none), skipping with a warning any that cannot be read. With `quarantine`, skipped
-    checkpoints are moved there, so that training can save those steps again. Raises if
-    checkpoints exist but none is usable: training must not start over on top of them.
+    are none; with `parts`, only those fields of it), skipping with a warning any that cannot be
+    read. With `quarantine`, skipped checkpoints are moved there, so that training can save those
+    steps again. Raises if checkpoints exist but none is usable: training must not start over on
+    top of them.
     Every process of a multi-process run must call it: a checkpoint one of them cannot read is
     skipped by all, so that they resume from the same step."""
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
         try:
-            state, failure = _restore_step(manager, step, template), None
+            state, failure = _restore_step(manager, step, template, parts), None
         except Exception as e:  # A truncated, deleted or corrupt file: try the one before.
             failure = e
         if parallel.any_process(failure is not None):
@@ -172,12 +184,12 @@ def select_step(manager: ocp.CheckpointManager, which: str) -> int:
 
 
 def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
-    """Restores the checkpoint `which` names: "latest", "best" or a step number."""
+    """Restores the `EVAL_PARTS` of the checkpoint `which` names: "latest", "best" or a step number."""
     step = select_step(manager, which)
     if which == "latest":
-        return restore_latest(manager, template)
+        return restore_latest(manager, template, parts=EVAL_PARTS)
     try:
-        return _restore_step(manager, step, template)
+        return _restore_step(manager, step, template, EVAL_PARTS)
     except Exception as e:
         raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable ({_short(e)})") from None
 

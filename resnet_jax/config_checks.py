@@ -1,5 +1,7 @@
 """Checks a config before anything is compiled or loaded: one clear message per mistake."""
 
+import re
+
 import jax
 
 from resnet_jax import models, parallel, train
@@ -75,12 +77,13 @@ def validate(config, device_count: int = None) -> None:
     if config.mixup_alpha < 0 or config.cutmix_alpha < 0:
         alphas = f"{config.mixup_alpha}, {config.cutmix_alpha}"
         raise Error(f"--config.mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {alphas}")
-    if not 0 <= config.mix_prob <= 1:
-        raise Error(f"--config.mix_prob must be in [0, 1] (the share of batches mixed), got {config.mix_prob}")
     if config.weight_decay < 0 or config.grad_clip_norm < 0 or config.warmup_epochs < 0:
         raise Error("--config.weight_decay, grad_clip_norm and warmup_epochs must be >= 0")
-    if not all(0 < f < 1 for f in config.lr_boundaries):
-        raise Error(f"--config.lr_boundaries must be fractions of training in (0, 1), got {config.lr_boundaries}")
+    if not all(len(drop) == 2 and 0 < drop[0] < 1 for drop in config.lr_drops):
+        raise Error(
+            f"--config.lr_drops must be (fraction of training in (0, 1), factor) pairs, e.g. ((0.5, 0.1),),"
+            f" got {config.lr_drops}"
+        )
     for name in ("eval_checkpoint_step", "init_from_step"):
         step = str(config[name])
         if step not in ("latest", "best") and not step.isdigit():
@@ -94,25 +97,32 @@ def validate(config, device_count: int = None) -> None:
         if name == "onnx":
             raise Error(ONNX_REFUSED)
         _choice("export_formats", name, EXPORT_FORMATS)
-    _positive(config, "export_parity_examples")
 
 
 def _validate_optimizer_options(config) -> None:
-    """The options airbench's recipes brought: its hyperparameter form, BN lr scale, freezing, lookahead."""
-    _choice("hyperparameter_form", config.hyperparameter_form, train.HYPERPARAMETER_FORMS)
-    _positive(config, "norm_lr_scale")
-    try:
-        train.frozen_epochs(config)
-    except ValueError as e:
-        example = "e.g. whiten/kernel:0,whiten/bias:3"
-        raise Error(f"--config.freeze={config.freeze!r}: {e}; write NAME:EPOCHS,..., {example}") from None
-    if config.lookahead_every < 0 or not 0 < config.lookahead_decay <= 1:
-        raise Error(
-            f"--config.lookahead_every must be >= 1 (0: off) and lookahead_decay in (0, 1], got"
-            f" {config.lookahead_every} and {config.lookahead_decay}"
-        )
+    """The per-parameter rules, lookahead, and the widths of the fixed-width models."""
+    for rule in config.param_rules:
+        if not _is_param_rule(rule):
+            raise Error(
+                f"--config.param_rules: {rule!r} is not (name regex, lr multiplier >= 0, weight-decay multiplier"
+                f' >= 0, epochs it trains: -1 all, 0 none), e.g. (("whiten/kernel", 1, 1, 0), (".*", 1, 0, -1))'
+            )
+    if config.lookahead_every < 0:
+        raise Error(f"--config.lookahead_every must be >= 1 (0: off), got {config.lookahead_every}")
     if config.model.num_filters is not None and config.model.name in models.FIXED_WIDTH_MODELS:
         raise Error(f"--config.model.num_filters does not apply to {config.model.name}: its widths are fixed")
+
+
+def _is_param_rule(rule) -> bool:
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0  # noqa: E731
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 4 and isinstance(rule[0], str)):
+        return False
+    try:
+        re.compile(rule[0])
+    except re.error:
+        return False
+    epochs = rule[3]
+    return number(rule[1]) and number(rule[2]) and (epochs is None or isinstance(epochs, int) and epochs >= -1)
 
 
 def export_formats(config) -> list:

@@ -8,7 +8,7 @@ Each export maps uint8 RGB NHWC images, any batch size, to float32 logits: eval'
 preprocessing, then the model with `train=False` and the checkpoint's variables baked in. It
 computes in float32 whatever `model.dtype` trained (XLA:CPU runs float32 convolutions best).
 Each is reloaded through its own runtime and checked against the Flax model on the first
-`export_parity_examples` test images: logits within PARITY_ATOL, the same top-1.
+`PARITY_EXAMPLES` test images: logits within PARITY_ATOL, the same top-1.
 
 Only this module imports TensorFlow, and only for the SavedModel.
 """
@@ -28,6 +28,7 @@ from resnet_jax.data import pipeline
 from resnet_jax.errors import Error, RunFailure
 
 PARITY_ATOL = 1e-4  # largest |logit difference| an export may show against the Flax model
+PARITY_EXAMPLES = 256  # the first test images each export must match the Flax model on
 # Lowered for every platform, so that a file exported on the CPU also serves on a GPU or TPU;
 # the module is the same for all four, so this costs little (docs/measurements.md).
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -176,7 +177,7 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
     model = setup.model.clone(dtype=jnp.float32, axis_name=None)
     serve = serving_function(model, train.eval_variables(state), mean, std)
     image_shape = tuple(dataset.test_images.shape[1:])
-    images = dataset.test_images[: config.export_parity_examples]
+    images = dataset.test_images[:PARITY_EXAMPLES]
     reference = np.asarray(jax.jit(serve)(images))
 
     folder = os.path.join(workdir, "export")

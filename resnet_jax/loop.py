@@ -13,6 +13,7 @@ the state as an argument. `evaluate_split` evaluates one split; the modes use it
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -77,7 +78,9 @@ class Due:
 
     @classmethod
     def from_config(cls, config, setup) -> "Due":
-        eval_every = max(1, int(round(config.eval_every_epochs * setup.steps_per_epoch)))
+        interval = config.eval_every_epochs * setup.steps_per_epoch
+        # An interval as long as the run (rounded up, as `train.total_steps` rounds the run) evaluates once, at the end.
+        eval_every = setup.num_steps if math.ceil(interval) >= setup.num_steps else max(1, int(round(interval)))
         return cls(setup.num_steps, config.log_every_steps, eval_every, config.checkpoint_every_steps)
 
     def log(self, step: int) -> bool:

@@ -316,7 +316,7 @@ class Airbench(nn.Module):
     BatchNorm has no learned scale (airbench fixes it at 1), epsilon 1e-12 and momentum 0.6 in
     flax's convention (airbench hands PyTorch 1 - 0.6). GELU is exact (erf), as PyTorch's.
     The `whiten` kernel starts as PyTorch's default; `whitening_kernel` of the training images
-    replaces it (`train.Setup.initialised`), and the recipes never train it (`config.freeze`).
+    replaces it (`train.Setup.initialised`), and the recipes never train it (`config.param_rules`).
     """
 
     num_classes: int

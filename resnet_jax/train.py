@@ -10,6 +10,7 @@ names (`Setup.layout`) spreads them over every device of every process, and `loo
 
 import functools
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -24,9 +25,9 @@ from resnet_jax.data import pipeline
 from resnet_jax.errors import Error
 
 SCHEDULES = ("cosine", "piecewise", "onecycle", "constant", "airbench")
-HYPERPARAMETER_FORMS = ("standard", "airbench")
 WHITENING_IMAGES = 5000  # the train images a whitening conv's kernel is computed from (airbench's)
 TTA_MODES = ("none", "flip", "flip_translate")
+LOOKAHEAD_DECAY = 0.95  # airbench's lookahead: its average's decay per step, decay^every x (step / steps)^3 at a move
 
 
 class TrainState(train_state.TrainState):
@@ -81,29 +82,9 @@ def total_steps(config, steps_per_epoch: int) -> int:
     return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
 
 
-def kilostep_scale(momentum: float) -> float:
-    """airbench's kilostep_scale: how much larger Nesterov steps are than the per-example gradients
-    they sum over 1,024 examples, with gradients constant in time."""
-    return 1024 * (1 + 1 / (1 - momentum))
-
-
 def peak_learning_rate(config) -> float:
-    """The peak learning rate of the SGD step: "standard", `learning_rate` scaled linearly with
-    the batch size (on the mean loss); "airbench", `learning_rate` per 1,024 examples divided by
-    `kilostep_scale` (on the summed loss)."""
-    if config.hyperparameter_form == "airbench":
-        return config.learning_rate / kilostep_scale(config.momentum)
+    """The peak learning rate of the SGD step on the mean loss: `learning_rate` scaled linearly with the batch size."""
     return config.learning_rate * config.batch_size / config.base_batch_size
-
-
-def l2_coefficient(config, lr_scale: float = 1.0) -> float:
-    """The L2 term's coefficient (added to the gradient before momentum) of parameters whose
-    learning rate is scaled by `lr_scale`. "airbench": airbench's wd / lr of the parameter's
-    group, so the decay per step is `weight_decay` per 1,024 examples whatever the scale."""
-    if config.hyperparameter_form == "airbench":
-        decay = config.weight_decay * config.batch_size / kilostep_scale(config.momentum)
-        return decay / (peak_learning_rate(config) * lr_scale)
-    return config.weight_decay
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
@@ -113,7 +94,7 @@ def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> opt
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1))
     if config.schedule == "piecewise":
         return optax.piecewise_constant_schedule(
-            peak, {int(f * num_steps): config.lr_decay_factor for f in config.lr_boundaries}
+            peak, {int(fraction * num_steps): factor for fraction, factor in config.lr_drops}
         )
     if config.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(num_steps, peak)
@@ -128,79 +109,63 @@ def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> opt
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
-def decay_mask(params):
-    """True for conv and dense kernels: weight decay skips BatchNorm and biases."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-
-
 def param_name(path) -> str:
-    """A parameter's name as `--mode summary` and `config.freeze` write it: "group1_conv1/kernel"."""
+    """A parameter's name as `--mode summary` and `config.param_rules` write it: "group1_conv1/kernel"."""
     return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
-def frozen_epochs(config) -> dict:
-    """`config.freeze` ("name:epochs,...") as {name: epochs}; ValueError when malformed."""
-    frozen = {}
-    for item in filter(None, (part.strip() for part in config.freeze.split(","))):
-        name, _, epochs = item.rpartition(":")
-        if not name or not epochs.strip().isdigit():
-            raise ValueError(f"{item!r} is not NAME:EPOCHS")
-        frozen[name.strip()] = int(epochs)
-    return frozen
-
-
-def param_groups(config, params, batch_stats) -> dict:
-    """Each parameter's optimizer group, a (learning-rate scale, epochs it trains or None) pair:
-    BatchNorm's parameters (those of modules with statistics) at `norm_lr_scale`, the rest at 1;
-    names in `config.freeze` train that many epochs."""
-    norm_modules = {param_name(path[:-1]) for path, _ in jax.tree_util.tree_leaves_with_path(batch_stats)}
-    frozen = frozen_epochs(config)
-    names = {param_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
-    for name in frozen:
-        if name not in names:
+def param_rules(config, params) -> dict:
+    """Each parameter's treatment by the first rule of `config.param_rules` whose pattern matches its
+    whole name: (learning-rate multiplier, weight-decay multiplier, epochs it trains; None: all).
+    Error for a parameter no rule matches and for a rule that matches none."""
+    names = [param_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    rules = config.param_rules
+    first = {name: next((i for i, rule in enumerate(rules) if re.fullmatch(rule[0], name)), None) for name in names}
+    unmatched = [name for name, i in first.items() if i is None]
+    if unmatched:
+        example = '(".*", 1.0, 0.0, -1)'
+        raise Error(
+            f"--config.param_rules: no rule matches {unmatched[0]!r}; end the rules with a catch-all, {example}"
+        )
+    for i, rule in enumerate(rules):
+        if i not in first.values():
             raise Error(
-                f"--config.freeze names {name!r}, which {config.model.name} does not have; its parameters are"
-                f" {', '.join(sorted(names)[:4])}, ... (--mode summary lists them)"
+                f"--config.param_rules: {rule[0]!r} matches no parameter of {config.model.name} (that an earlier rule"
+                f" does not); its parameters are {', '.join(sorted(names)[:4])}, ... (--mode summary lists them)"
             )
 
-    def group(path, _):
-        name = param_name(path)
-        return (config.norm_lr_scale if param_name(path[:-1]) in norm_modules else 1.0, frozen.get(name))
+    def treatment(path, _):
+        _, lr_mult, wd_mult, epochs = rules[first[param_name(path)]]
+        return (float(lr_mult), float(wd_mult), None if epochs is None or epochs < 0 else int(epochs))
 
-    return jax.tree_util.tree_map_with_path(group, params)
+    return jax.tree_util.tree_map_with_path(treatment, params)
 
 
-def create_optimizer(config, learning_rate_fn, groups=None, steps_per_epoch: int = 1) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and an L2 term, optional clipping; per `groups` (`param_groups`),
-    learning rates scaled and parameters frozen after their epochs (no update, momentum or decay).
-    The L2 term is on kernels ("standard") or every trained parameter ("airbench")."""
+def create_optimizer(config, learning_rate_fn, treatments, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum and an L2 term added to the gradient, optional clipping; each
+    parameter with its `param_rules` treatment: learning rate and L2 coefficient scaled, frozen
+    after its epochs (no update, momentum or decay), in `optax.partition` groups."""
     clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm > 0 else optax.identity()
 
-    mask = decay_mask if config.hyperparameter_form == "standard" else None
-
-    def l2_then_sgd(lr_scale=1.0):
-        return (
-            optax.add_decayed_weights(l2_coefficient(config, lr_scale), mask=mask),
-            optax.sgd(lambda step: lr_scale * learning_rate_fn(step), config.momentum, config.nesterov),
-        )
-
-    def rule(lr_scale, epochs):
+    def group(lr_mult, wd_mult, epochs):
         if epochs == 0:
             return optax.set_to_zero()
+        decay = config.weight_decay * wd_mult
+        learning_rate = learning_rate_fn if lr_mult == 1 else lambda step: lr_mult * learning_rate_fn(step)
+        l2_then_sgd = optax.chain(
+            optax.add_decayed_weights(decay) if decay else optax.identity(),
+            optax.sgd(learning_rate, config.momentum, config.nesterov),
+        )
         if epochs is None:
-            return optax.chain(*l2_then_sgd(lr_scale))
+            return l2_then_sgd
         # conditionally_mask, not conditionally_transform: once the condition fails, the latter passes
         # the raw gradient through as the update; this zeroes it and keeps the momentum as it was.
-        return optax.conditionally_mask(
-            optax.chain(*l2_then_sgd(lr_scale)), lambda step: step < epochs * steps_per_epoch
-        )
+        return optax.conditionally_mask(l2_then_sgd, lambda step: step < epochs * steps_per_epoch)
 
-    is_group = lambda x: isinstance(x, tuple)  # noqa: E731
-    distinct = set(jax.tree_util.tree_leaves(groups, is_leaf=is_group)) if groups is not None else set()
-    if distinct <= {(1.0, None)}:
-        return optax.chain(clip, *l2_then_sgd())
-    labels = jax.tree_util.tree_map(str, groups, is_leaf=is_group)
-    return optax.chain(clip, optax.partition({str(group): rule(*group) for group in distinct}, labels))
+    is_treatment = lambda x: isinstance(x, tuple)  # noqa: E731
+    distinct = sorted(set(jax.tree_util.tree_leaves(treatments, is_leaf=is_treatment)), key=str)
+    labels = jax.tree_util.tree_map(str, treatments, is_leaf=is_treatment)
+    return optax.chain(clip, optax.partition({str(t): group(*t) for t in distinct}, labels))
 
 
 def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32, 3), steps_per_epoch=1) -> TrainState:
@@ -211,11 +176,11 @@ def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32
         return model.init(rng, jnp.zeros((1,) + tuple(image_shape), model.dtype), train=False)
 
     variables = init(rng)
-    groups = param_groups(config, variables["params"], variables["batch_stats"])
+    treatments = param_rules(config, variables["params"])
     state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
-        tx=create_optimizer(config, learning_rate_fn, groups, steps_per_epoch),
+        tx=create_optimizer(config, learning_rate_fn, treatments, steps_per_epoch),
         batch_stats=variables["batch_stats"],
         train_metrics=empty_train_metrics(),
     )
@@ -246,8 +211,8 @@ def eval_variables(state: TrainState) -> dict:
 
 
 def mixes(config) -> bool:
-    """Whether training mixes batches: Mixup or CutMix on, and some batches mixed."""
-    return (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and config.mix_prob > 0
+    """Whether training mixes batches: Mixup or CutMix on."""
+    return config.mixup_alpha > 0 or config.cutmix_alpha > 0
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0, partner_labels=None, lam=1.0):
@@ -280,7 +245,6 @@ def train_step(
     label_smoothing,
     ema_decay=0.0,
     mix_fn=None,
-    sum_loss=False,
     lookahead=None,
 ):
     """One SGD step on this device's part of the global batch; gradients are combined over parallel.AXIS.
@@ -288,7 +252,7 @@ def train_step(
     Augmentation draws from `aug_key` folded with the step (none when `aug_key` is None). With
     `mix_fn` (`pipeline.mix_weights` configured), each image is mixed with its partner's, which the
     batch carries and which is augmented by its own position, by the step's one draw. The
-    gradient is of the loss averaged over the global batch, or summed with `sum_loss`.
+    gradient is of the loss averaged over the global batch.
     `lookahead` (every, decay, num_steps) moves the weights to their average (`lookahead_move`).
     """
     key = None if aug_key is None else jax.random.fold_in(aug_key, state.step)
@@ -307,10 +271,10 @@ def train_step(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
         )
         losses = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing, partner_labels, lam)
-        return (losses.sum() if sum_loss else losses.mean()), (losses.mean(), logits, updates["batch_stats"])
+        return losses.mean(), (logits, updates["batch_stats"])
 
-    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = (jax.lax.psum if sum_loss else jax.lax.pmean)(grads, parallel.AXIS)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
     # Without sync BN each device normalises by its own batch; averaging the running
     # statistics keeps the state identical on every device all the same.
     batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
@@ -425,7 +389,6 @@ class Setup:
                 jax.random.fold_in(jax.random.key(config.seed), 1),
                 mixup_alpha=config.mixup_alpha,
                 cutmix_alpha=config.cutmix_alpha,
-                mix_prob=config.mix_prob,
             )
 
     def with_weights(self, state: TrainState, variables: dict) -> TrainState:
@@ -462,8 +425,7 @@ class Setup:
             label_smoothing=config.label_smoothing,
             ema_decay=config.ema_decay,
             mix_fn=self.mix_fn,
-            sum_loss=config.hyperparameter_form == "airbench",
-            lookahead=(config.lookahead_every, config.lookahead_decay, self.num_steps),
+            lookahead=(config.lookahead_every, LOOKAHEAD_DECAY, self.num_steps),
         )
 
     def parallel_train_step(self, devices=None):

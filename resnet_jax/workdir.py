@@ -24,10 +24,8 @@ RESUME_FIELDS = (
     "data.validation_examples",
     "batch_size",
     "ema_decay",
-    # These four shape the optimizer state or the averages a checkpoint holds.
-    "hyperparameter_form",
-    "norm_lr_scale",
-    "freeze",
+    # These shape the optimizer state or the averages a checkpoint holds.
+    "param_rules",
     "lookahead_every",
 )
 
@@ -113,8 +111,28 @@ def check_config(workdir: str, config) -> None:
         )
 
 
+def check_resumable(workdir: str) -> None:
+    """Refuses to train on in a `workdir` whose config.json predates `param_rules`: its optimizer
+    state does not fit the optimizer's, or fits with a momentum of another loss."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    if "param_rules" in saved:
+        return
+    why = "its optimizer state is laid out as before config.param_rules"
+    if saved.get("hyperparameter_form") == "airbench":
+        why = "its momentum is of airbench's summed loss, this optimizer's of the mean loss"
+    raise Error(
+        f"workdir {workdir} holds a run that cannot resume here: {why}; train in another --workdir"
+        f" (--mode eval, predict and export still read its checkpoints; --config.init_from={workdir} starts from them)"
+    )
+
+
 def check_and_save_config(workdir: str, config) -> None:
-    """`check_config`, then saves the config as `workdir`/config.json."""
+    """`check_resumable` and `check_config`, then saves the config as `workdir`/config.json."""
+    check_resumable(workdir)
     check_config(workdir, config)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))

@@ -1,6 +1,6 @@
 """airbench's 93% and 94% recipes (configs/airbench93.py, configs/airbench94.py): the network, its
-whitening init, airbench's optimizer form (kilostep-scaled learning rate and decay on the summed
-loss, BatchNorm biases at 64x, frozen parameters), its schedule, lookahead, the alternating flip
+whitening init, airbench's optimizer (its learning rate and decay on the summed loss as the mean
+loss's, BatchNorm biases at 64x, frozen parameters), its schedule, lookahead, the alternating flip
 and the mirror-translate TTA, each against airbench's own formulas (KellerJordan/cifar10-airbench),
 then through real train steps: freezing, 1 device against 8, a bitwise resume, bad input. And
 against airbench's own code run on the same weights and images (a committed fixture): the
@@ -229,27 +229,22 @@ def test_learning_rate_and_decay_are_airbenchs_per_1024_examples():
     """airbench's formulas; the summed loss they apply to, and the update they make, are held
     against airbench's optimizer in test_two_train_steps_update_the_params_as_airbenchs_optimizer."""
     config = airbench93.get_config()
-    scale = 1024 * (1 + 1 / (1 - 0.85))
-    assert train.kilostep_scale(config.momentum) == pytest.approx(scale, rel=1e-12)
-    lr = 11.5 / scale
-    assert train.peak_learning_rate(config) == pytest.approx(lr, rel=1e-12)
-    wd = 0.0153 * 1024 / scale  # airbench: weight_decay * batch_size / kilostep_scale, batch 1024
-    assert train.l2_coefficient(config, 1) == pytest.approx(wd / lr, rel=1e-12)
-    assert train.l2_coefficient(config, 64) == pytest.approx(wd / (lr * 64), rel=1e-12)
-    config.batch_size = 512  # the decay scales with the batch; the learning rate does not
-    assert train.peak_learning_rate(config) == pytest.approx(lr, rel=1e-12)
-    assert train.l2_coefficient(config, 1) == pytest.approx(wd / 2 / lr, rel=1e-12)
+    scale = 1024 * (1 + 1 / (1 - 0.85))  # airbench's kilostep_scale at momentum 0.85
+    lr, wd = 11.5 / scale, 0.0153 * 1024 / scale  # airbench's lr and its SGD's weight_decay x lr, batch 1024
+    # The same steps on the mean loss of the batch: the learning rate x batch, the L2 coefficient wd / lr / batch.
+    assert train.peak_learning_rate(config) == pytest.approx(lr * 1024, rel=1e-12)
+    assert config.weight_decay == pytest.approx(wd / lr / 1024, rel=1e-12)
+    config.batch_size = 512  # airbench's lr on the summed loss, its decay x batch: linear scaling on the mean loss
+    assert train.peak_learning_rate(config) == pytest.approx(lr * 512, rel=1e-12)
 
 
-def test_param_groups_put_batch_norm_biases_at_64x_and_freeze_the_whitening_conv(airbench93_variables):
+def test_param_rules_put_batch_norm_biases_at_64x_and_freeze_the_whitening_conv(airbench93_variables):
     _, variables = airbench93_variables
-    groups = traverse_util.flatten_dict(
-        train.param_groups(airbench93.get_config(), variables["params"], variables["batch_stats"]), sep="/"
-    )
-    expected = {name: (1.0, None) for name in groups}
-    expected.update({f"group{g}_norm{n}/bias": (64.0, None) for g in (1, 2, 3) for n in (1, 2)})
-    expected.update({"whiten/bias": (1.0, 3), "whiten/kernel": (1.0, 0)})
-    assert groups == expected and len(groups) == 15
+    rules = traverse_util.flatten_dict(train.param_rules(airbench93.get_config(), variables["params"]), sep="/")
+    expected = {name: (1.0, 1.0, None) for name in rules}  # (lr x, decay x, epochs it trains)
+    expected.update({f"group{g}_norm{n}/bias": (64.0, 1 / 64, None) for g in (1, 2, 3) for n in (1, 2)})
+    expected.update({"whiten/bias": (1.0, 1.0, 3), "whiten/kernel": (1.0, 1.0, 0)})
+    assert rules == expected and len(rules) == 15
 
 
 def test_the_airbench_schedule_is_airbenchs_get_lr():
@@ -674,8 +669,8 @@ def narrow_airbench93(monkeypatch):
 
 @pytest.mark.multidevice
 def test_airbench93_trains_the_same_on_1_and_8_devices(narrow_airbench93):
-    """6 steps of airbench93's recipe (batch 32: 4 images a device) on 1 and 8 devices: the summed
-    loss's gradients are summed over the devices, BatchNorm synced, a lookahead move at step 5."""
+    """6 steps of airbench93's recipe (batch 32: 4 images a device) on 1 and 8 devices: the mean
+    loss's gradients are averaged over the devices, BatchNorm synced, a lookahead move at step 5."""
     config, dataset = tiny_airbench(batch_size=32), synthetic_dataset()
     one = run_steps(config, dataset, 1, steps=6)
     eight = run_steps(config, dataset, 8, steps=6)
@@ -775,7 +770,7 @@ def test_a_run_through_run_py_checkpoints_the_whitening_kernel_of_its_data(tiny_
     "override,message",
     [
         ("--config.lookahead_every=-1", "--config.lookahead_every must be >= 1 (0: off)"),
-        ("--config.freeze=whiten/kernel", "--config.freeze='whiten/kernel': 'whiten/kernel' is not NAME:EPOCHS"),
+        ('--config.param_rules=(("whiten/kernel",1,1),)', "--config.param_rules: ('whiten/kernel', 1, 1) is not"),
         ("--config.model.num_filters=32", "--config.model.num_filters does not apply to airbench93"),
     ],
 )
@@ -785,11 +780,12 @@ def test_bad_airbench_settings_give_one_line_and_exit_2(tmp_path, override, mess
     assert not (tmp_path / "w").exists()
 
 
-def test_freezing_a_parameter_the_model_lacks_gives_one_line_and_exit_2(tiny_data_dir, tmp_path):
+def test_a_rule_for_a_parameter_the_model_lacks_gives_one_line_and_exit_2(tiny_data_dir, tmp_path):
     result = run_cli(
         "--config", "configs/airbench93.py", "--workdir", str(tmp_path / "w"),
-        f"--config.data.data_dir={tiny_data_dir}", "--config.batch_size=64", "--config.freeze=nope:3",
+        f"--config.data.data_dir={tiny_data_dir}", "--config.batch_size=64",
+        '--config.param_rules=(("nope",1,1,3),(".*",1,1,-1))',
     )  # fmt: skip
     line = one_line_error(result, 2)
-    assert "--config.freeze names 'nope', which airbench93 does not have; its parameters are" in line, line
+    assert "--config.param_rules: 'nope' matches no parameter of airbench93" in line, line
     assert "--mode summary lists them" in line

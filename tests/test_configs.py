@@ -90,7 +90,7 @@ def test_page_resnet9_and_cifar100_recipes():
 
 def test_resnet18_mix_is_the_flagship_recipe_plus_cutmix():
     mix, r18 = load("resnet18_mix"), load("resnet18")
-    assert (mix.cutmix_alpha, mix.mixup_alpha, mix.mix_prob, mix.num_epochs) == (1.0, 0.0, 1.0, 300)
+    assert (mix.cutmix_alpha, mix.mixup_alpha, mix.num_epochs) == (1.0, 0.0, 300)
     assert train.mixes(mix) and not train.mixes(r18)
     mix.cutmix_alpha, mix.num_epochs = r18.cutmix_alpha, r18.num_epochs
     assert mix == r18  # otherwise the flagship recipe
@@ -116,7 +116,6 @@ def test_resnet18_mix_is_the_flagship_recipe_plus_cutmix():
         ("--config.parallel=jit", "parallel='jit' is not one of: pmap, sharded"),
         ("--config.mixup_alpha=-0.2", "mixup_alpha and cutmix_alpha must be >= 0 (0: off), got -0.2, 0.0"),
         ("--config.cutmix_alpha=-1.0", "mixup_alpha and cutmix_alpha must be >= 0 (0: off), got 0.0, -1.0"),
-        ("--config.mix_prob=1.5", "mix_prob must be in [0, 1]"),
     ],
 )
 def test_invalid_values_are_rejected_before_anything_runs(tmp_path, override, message):

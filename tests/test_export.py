@@ -190,6 +190,7 @@ def test_the_export_computes_in_float32_after_bfloat16_training(averaged_bfloat1
 RUN_WITH_A_DIFFERING_EXPORT = """
 import runpy, sys
 from resnet_jax import export
+export.PARITY_EXAMPLES = 7
 exporter = export.EXPORTERS["stablehlo"]
 def differing(serve, image_shape, path):
     run = exporter(serve, image_shape, path)
@@ -207,7 +208,7 @@ def test_an_export_that_differs_fails_the_run_in_one_line(tiny_data_dir, tmp_pat
     args = ("--config", "configs/smoke.py", "--workdir", workdir, f"--config.data.data_dir={tiny_data_dir}")
     result = subprocess.run(
         [sys.executable, "-c", RUN_WITH_A_DIFFERING_EXPORT, *args, "--mode", "export"]
-        + ["--config.export_formats=stablehlo", "--config.export_parity_examples=7"],
+        + ["--config.export_formats=stablehlo"],
         capture_output=True,
         text=True,
         timeout=300,

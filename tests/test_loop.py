@@ -6,13 +6,14 @@ resumes under the other."""
 import os
 import shutil
 import signal
+import types
 
 import chex
 import flax.serialization
 import numpy as np
 import pytest
 
-from configs import smoke
+from configs import airbench94, smoke
 from resnet_jax import checkpoints, evaluate, loop, train
 from resnet_jax.data.dataset import Dataset, hold_out_validation
 from resnet_jax.workdir import read_metrics
@@ -107,6 +108,23 @@ def test_each_periodic_action_falls_due_as_its_predicate_says():
     assert [s for s in steps if due.evaluation(s)] == [4, 8, 10]
     assert [s for s in steps if due.checkpoint(s)] == [5, 10]
     assert [s for s in steps if due.stop_check(s)] == list(range(1, 10))  # one process: after every step but the last
+
+
+def test_an_evaluation_interval_of_the_whole_run_evaluates_once_at_its_last_step():
+    """airbench94's 9.9 epochs of 48 steps are 476 steps (475.2 rounded up): evaluating every 9.9
+    epochs is once, at step 476, not also at round(475.2) = 475. So is any other fraction."""
+    config = airbench94.get_config()
+    for epochs, steps_per_epoch in ((9.9, 48), (2.5, 97), (7.01, 10), (3.0, 7)):
+        config.num_epochs = config.eval_every_epochs = epochs
+        setup = types.SimpleNamespace(steps_per_epoch=steps_per_epoch)
+        setup.num_steps = train.total_steps(config, steps_per_epoch)
+        due = loop.Due.from_config(config, setup)
+        assert [s for s in range(1, setup.num_steps + 1) if due.evaluation(s)] == [setup.num_steps], epochs
+    assert setup.num_steps == 21
+    config.num_epochs, config.eval_every_epochs = 9.9, 1.0  # a shorter interval: its multiples, and the end
+    setup = types.SimpleNamespace(steps_per_epoch=48, num_steps=476)
+    due = loop.Due.from_config(config, setup)
+    assert [s for s in range(1, 477) if due.evaluation(s)] == [48 * e for e in range(1, 10)] + [476]
 
 
 def test_the_loop_logs_evaluates_and_checkpoints_on_schedule(runs):

@@ -217,20 +217,21 @@ def test_test_time_augmentation_averages_airbench_views(tta):
     np.testing.assert_allclose(train.tta_logits(corner, images, tta), expected, rtol=1e-6)
 
 
-def test_weight_decay_masks_kernels_only():
+def test_weight_decay_is_on_kernels_only_by_default():
     params = {
         "conv": {"kernel": np.ones((3, 3, 1, 1))},
         "bn": {"scale": np.ones(1), "bias": np.ones(1)},
         "head": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
     }
-    assert train.decay_mask(params) == {
-        "conv": {"kernel": True},
-        "bn": {"scale": False, "bias": False},
-        "head": {"kernel": True, "bias": False},
-    }
     config = smoke.get_config()
+    treatments = train.param_rules(config, params)  # (lr x, weight_decay x, epochs it trains)
+    assert treatments == {
+        "conv": {"kernel": (1.0, 1.0, None)},
+        "bn": {"scale": (1.0, 0.0, None), "bias": (1.0, 0.0, None)},
+        "head": {"kernel": (1.0, 1.0, None), "bias": (1.0, 0.0, None)},
+    }
     config.momentum, config.weight_decay = 0.0, 0.5
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    tx = train.create_optimizer(config, optax.constant_schedule(1.0), treatments)
     zeros = jax.tree_util.tree_map(np.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     assert float(updates["conv"]["kernel"].max()) == -0.5 and float(updates["bn"]["scale"].max()) == 0.0

@@ -156,7 +156,7 @@ def augment(
 
 
 def mix_weights(
-    key: jax.Array, step, height: int, width: int, *, mixup_alpha: float, cutmix_alpha: float, mix_prob: float
+    key: jax.Array, step, height: int, width: int, *, mixup_alpha: float, cutmix_alpha: float, mix_prob: float = 1.0
 ) -> Tuple[jax.Array, jax.Array]:
     """One batch's Mixup or CutMix, timm's Mixup in its per-batch mode, drawn from
     `fold_in(key, step)` alone, so every device of every process draws the same one.
