@@ -156,24 +156,23 @@ def augment(
 
 
 def mix_weights(
-    key: jax.Array, step, height: int, width: int, *, mixup_alpha: float, cutmix_alpha: float, mix_prob: float = 1.0
+    key: jax.Array, step, height: int, width: int, *, mixup_alpha: float, cutmix_alpha: float
 ) -> Tuple[jax.Array, jax.Array]:
     """One batch's Mixup or CutMix, timm's Mixup in its per-batch mode, drawn from
     `fold_in(key, step)` alone, so every device of every process draws the same one.
 
-    Whether to mix at all (probability `mix_prob`); with both alphas on, CutMix with probability
+    Every batch is mixed (timm's mix_prob 1); with both alphas on, CutMix with probability
     CUTMIX_SHARE, else Mixup; lambda ~ Beta(alpha, alpha) of the chosen one; for CutMix a box of
     sides sqrt(1 - lambda) times the image's, centred anywhere and clipped to the image, and
     lambda corrected to the area left outside it. Returns (lam, weight): lam the weight of each
     example's own label (1: not mixed), weight (height, width, 1) that of its own pixels (lam
     everywhere for Mixup, 0 in the box and 1 outside for CutMix); the partner's are 1 - either.
     """
-    k_mix, k_choice, k_mixup, k_cutmix, k_box = jax.random.split(jax.random.fold_in(key, step), 5)
-    mixed = jax.random.bernoulli(k_mix, mix_prob)
+    _, k_choice, k_mixup, k_cutmix, k_box = jax.random.split(jax.random.fold_in(key, step), 5)
     if mixup_alpha > 0 and cutmix_alpha > 0:
-        cutmix = mixed & jax.random.bernoulli(k_choice, CUTMIX_SHARE)
+        cutmix = jax.random.bernoulli(k_choice, CUTMIX_SHARE)
     else:
-        cutmix = mixed & (cutmix_alpha > 0)
+        cutmix = jnp.asarray(cutmix_alpha > 0)
     lam_mixup = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
     lam_cutmix = jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
     # timm's rand_bbox: the box's half sides, int(side * sqrt(1 - lambda)) // 2, about a random centre.
@@ -184,7 +183,7 @@ def mix_weights(
     x0, x1 = jnp.clip(cx - half_w, 0, width), jnp.clip(cx + half_w, 0, width)
     ys, xs = jnp.arange(height)[:, None, None], jnp.arange(width)[None, :, None]
     in_box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-    lam = jnp.where(cutmix, 1.0 - (y1 - y0) * (x1 - x0) / (height * width), jnp.where(mixed, lam_mixup, 1.0))
+    lam = jnp.where(cutmix, 1.0 - (y1 - y0) * (x1 - x0) / (height * width), lam_mixup)
     weight = jnp.where(cutmix, jnp.where(in_box, 0.0, 1.0), jnp.broadcast_to(lam, (height, width, 1)))
     return lam.astype(jnp.float32), weight.astype(jnp.float32)
 
