@@ -43,16 +43,6 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_kernel_init = torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def torch_default_bias_init(fan_in: int):
-    """torch.nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the kernel's bounds."""
-    bound = 1.0 / np.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 def conv_and_norm(model: nn.Module, train: bool):
     """The layers every model is built from: a bias-free Kaiming conv and a BatchNorm that
     computes in `model.dtype` and, when training, averages its statistics over `model.axis_name`."""
@@ -204,13 +194,7 @@ class ResNet(nn.Module):
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            kernel_init=dense_kernel_init,
-            bias_init=torch_default_bias_init(x.shape[-1]),
-            name="head",
-        )(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
         return x.astype(jnp.float32)
 
 

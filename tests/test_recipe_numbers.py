@@ -184,15 +184,6 @@ def test_the_resnet_heads_kernel_starts_as_torchs_linear(setup):
     assert abs(kurtosis - 1.8) < 0.1, kurtosis
 
 
-def test_the_resnet_heads_bias_starts_as_torchs_linear(setup):
-    """torch.nn.Linear's default init: bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in 512 as above.
-    Ten draws of that law: inside the bounds and spread over them (flax's default is zeros)."""
-    bias = np.asarray(jax.device_get(setup.fresh_state.params["head"]["bias"]), np.float64)
-    bound = 1 / np.sqrt(512)
-    assert bias.shape == (10,)
-    assert np.abs(bias).max() <= bound and bias.std() > bound / 5, f"bias / bound: {bias / bound}"
-
-
 # ----------------------------------------------------------------------------- Mixup
 
 
