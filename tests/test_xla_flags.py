@@ -73,6 +73,7 @@ def test_the_compilation_cache_defaults_to_the_users_cache_folder_and_gives_way_
     environ = {"XDG_CACHE_HOME": str(tmp_path)}
     xla_flags.set_compilation_cache(environ)
     assert environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "resnet_jax" / "jax")
+    assert environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"  # the small programs too
     environ = {"JAX_COMPILATION_CACHE_DIR": "elsewhere", "XDG_CACHE_HOME": str(tmp_path)}
     xla_flags.set_compilation_cache(environ)
     assert environ["JAX_COMPILATION_CACHE_DIR"] == "elsewhere"
@@ -86,8 +87,9 @@ def test_jax_compiles_into_the_default_cache_folder(tmp_path):
         " print(jax.config.jax_compilation_cache_dir);"
         " jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()"
     )
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cache_variables = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    env = {k: v for k, v in os.environ.items() if k not in cache_variables}
+    env.update(XDG_CACHE_HOME=str(tmp_path))
     cache = tmp_path / "resnet_jax" / "jax"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
