@@ -167,8 +167,7 @@ class MetricsLog:
         self.writer.flush()
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        self.writer.close()
 
 
 def read_metrics(path: str) -> list:
