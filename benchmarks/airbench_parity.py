@@ -5,19 +5,19 @@ PyTorch's run of airbench (`make_net93`/`make_net94`, `init_whitening_conv`, its
 groups, `get_lr`, `LookaheadState` and loss, as its `train` builds them) goes in a subprocess of
 `--torch-python`, a Python with torch and torchvision, importing the airbench checkout at
 `--airbench`; its `.half().cuda()` are made no-ops there, so it runs in float32 on the CPU. It
-whitens from our first 5,000 train images, and our network starts from its weights. Both
-then take the first `--steps` batches of the recipe (no augmentation, the same normalised
-floats). Early training is chaotic, so the yardstick is PyTorch's own gap to a copy of itself
-whose weights are perturbed at float32's resolution (each times 1 +- 2^-23): ours should stay
-within it. Not run by CI (it needs torch and airbench).
+whitens from our first 5,000 train images, and our network starts from its weights. Both then take
+the first `--steps` batches of the recipe (no augmentation, the same normalised floats). Early
+training is chaotic, so the yardstick is PyTorch's own gap to a copy of itself whose weights are
+perturbed at float32's resolution (each times 1 +- 2^-23): ours should stay within it. It needs
+torch and airbench, so CI does not run it.
 
     python benchmarks/airbench_parity.py --airbench AIRBENCH_CHECKOUT --torch-python TORCH_VENV/bin/python \\
         --data-dir TFDS_DIR [--model airbench93] [--steps 20]
 
-The differences left by design: airbench's lookahead average starts from the weights before
-the whitening init (its `LookaheadState` is made first), ours from the whitened ones, so the
-PyTorch side here makes it after; PyTorch's BatchNorm keeps the unbiased running variance,
-flax's the biased one (statistics only: training normalises by the batch's).
+The differences left by design: airbench's lookahead average starts from the weights before the
+whitening init (its `LookaheadState` is made first), ours from the whitened ones, so the PyTorch
+side here makes it after; PyTorch's BatchNorm keeps the unbiased running variance, flax's the biased
+one (statistics only: training normalises by the batch's).
 """
 
 import argparse
@@ -160,23 +160,19 @@ def main():
     from resnet_jax.data import pipeline, registry
 
     config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
-    config.data.data_dir = args.data_dir
-    config.data.augment = False
+    config.data.update(data_dir=args.data_dir, augment=False)
     dataset = registry.load_dataset(config.data)
     setup = train.Setup(config, dataset)
     mean, std = pipeline.normalization(config.data, dataset)
     normalise = jax.jit(lambda x: pipeline.preprocess(x, mean, std, jnp.float32))
+    rows = (dataset.train_images, dataset.train_labels)
     batches = [
-        pipeline.train_batch(
-            dataset.train_images, dataset.train_labels, step, batch_size=config.batch_size, seed=config.seed
-        )
-        for step in range(args.steps)
+        pipeline.train_batch(*rows, s, batch_size=config.batch_size, seed=config.seed) for s in range(args.steps)
     ]
     images = np.stack([np.asarray(normalise(b["image"])) for b in batches])
     whitening_images = np.asarray(normalise(dataset.train_images[: train.WHITENING_IMAGES]))
-    # The recipe's hyperparameters in airbench's form: per 1,024 examples on the summed loss.
-    kilostep_scale = 1024 * (1 + 1 / (1 - config.momentum))
-    learning_rate = config.learning_rate * kilostep_scale / config.base_batch_size
+    # airbench's form of the recipe's learning rate: per 1,024 examples on the summed loss.
+    learning_rate = config.learning_rate * 1024 * (1 + 1 / (1 - config.momentum)) / config.base_batch_size
     spec = {
         "model": args.model,
         "steps": args.steps,
