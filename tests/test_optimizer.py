@@ -5,8 +5,6 @@ that names no parameter is refused; checkpoints written before the rules still e
 predict and export, and refuse to resume."""
 
 import functools
-import glob
-import importlib
 import json
 import os
 import shutil
@@ -18,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
+from test_configs import CONFIG_NAMES, load
 from test_reliability import one_line_error
 
 from conftest import ROOT, run_cli
@@ -27,15 +26,6 @@ from resnet_jax.errors import Error
 from resnet_jax.workdir import check_and_save_config
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-RECIPES = sorted(
-    os.path.splitext(os.path.basename(p))[0]
-    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-    if not p.endswith("__init__.py")
-)
-
-
-def load(name):
-    return importlib.import_module(f"configs.{name}").get_config()
 
 
 def param_shapes(config, num_classes=10):
@@ -54,7 +44,7 @@ def treatments(config):
     }
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_each_parameter_of_each_recipe_trains_as_it_did_before_the_rules(name):
     with open(os.path.join(FIXTURES, "param_treatments.json")) as f:
         pinned = json.load(f)
