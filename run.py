@@ -24,8 +24,7 @@ from ml_collections import config_flags
 from resnet_jax import cluster, xla_flags
 from resnet_jax.errors import Error, RunFailure
 
-xla_flags.set_cpu_defaults()  # Before anything imports jax.
-xla_flags.set_compilation_cache()
+xla_flags.set_compilation_cache()  # Before anything imports jax.
 
 
 def _load_source(module_name: str, module_path: str):
@@ -127,6 +126,7 @@ def run(argv) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
 
+    cpu_path = xla_flags.set_cpu_defaults(FLAGS.config.model.dtype)  # Before jax starts its backend.
     joined = cluster.join(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     import jax
 
@@ -135,6 +135,8 @@ def run(argv) -> None:
     config = FLAGS.config
     config_checks.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
     accelerators.log_platform()
+    if cpu_path and jax.default_backend() == "cpu":
+        logging.info(cpu_path)
     cluster.log_joined(joined)
     config_path = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])

@@ -111,7 +111,7 @@ def measure(framework, model, batch_size, dtype, repeats, threads):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from resnet_jax import xla_flags
 
-        xla_flags.set_cpu_defaults()  # The XLA flags run.py trains with.
+        xla_flags.set_cpu_defaults(dtype)  # The XLA flags run.py trains with.
         time_one = time_jax
     else:
         import torch

@@ -43,15 +43,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from resnet_jax import xla_flags  # noqa: E402
-
-xla_flags.set_cpu_defaults()  # The XLA flags run.py trains with.
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from resnet_jax import models, parallel, train  # noqa: E402
+from resnet_jax import models, parallel, train, xla_flags  # noqa: E402
 from resnet_jax.data import pipeline  # noqa: E402
 from resnet_jax.data.dataset import Dataset  # noqa: E402
 
@@ -247,6 +243,7 @@ def main():
     args = parser.parse_args()
 
     config = make_config(args)
+    xla_flags.set_cpu_defaults(config.model.dtype)  # The XLA flags run.py trains with, before jax's backend starts.
     devices = jax.local_devices()[: args.num_devices]
     for flag, value in (("--batch-size", config.batch_size), ("--eval-batch-size", config.eval_batch_size)):
         if value % len(devices):

@@ -100,10 +100,9 @@ def resolve_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def train_images_per_sec(
-    stem="cifar", batch_size=128, steps=20, dtype="float32", device=None, model="resnet18", repeats=5, warmup=3
-):
-    """Median training images/s over `repeats` timings of `steps` SGD steps on random 32x32 CIFAR-10 batches."""
+def training_step(stem="cifar", batch_size=128, dtype="float32", device=None, model="resnet18"):
+    """(step, sync): one SGD step of the reference ResNet `model` on a fixed random CIFAR-10 batch, and a
+    function that waits for the device."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     device = resolve_device(device)
@@ -136,6 +135,14 @@ def train_images_per_sec(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    return step, sync
+
+
+def train_images_per_sec(
+    stem="cifar", batch_size=128, steps=20, dtype="float32", device=None, model="resnet18", repeats=5, warmup=3
+):
+    """Median training images/s over `repeats` timings of `steps` SGD steps on random 32x32 CIFAR-10 batches."""
+    step, sync = training_step(stem, batch_size, dtype, device, model)
     for _ in range(warmup):
         step()
     sync()

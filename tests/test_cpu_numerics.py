@@ -1,12 +1,13 @@
 """The CPU build computes right under the project's XLA settings.
 
 jaxlib 0.10.2's XLA:CPU returns wrong sums for a jitted vmap of a matrix-vector product followed
-by a reduction (jax-ml/jax#39103), with and without the flag `resnet_jax/xla_flags.py` sets. Here
-a child process applies `xla_flags.set_cpu_defaults()` before importing jax, as `run.py` does,
-and jitted results are held against NumPy float64: that reproducer, and the train step's own
+by a reduction (jax-ml/jax#39103), with and without the flags `resnet_jax/xla_flags.py` sets. Here
+a child process applies `xla_flags.set_cpu_defaults(dtype)` before jax starts, as `run.py` does,
+for each flag set the project turns on (float32's, and bfloat16's, which adds oneDNN on CPUs with
+bfloat16 instructions), and under jaxlib's defaults, which the rest of the suite uses; jitted
+float32 results are held against NumPy float64: that reproducer, and the train step's own
 reductions (the BatchNorm statistics and output of the resnet18 recipe's model in train mode,
-through the device layout on one device and synced over 8; a summed cross-entropy). The same
-runs under jaxlib's default flags, which the rest of the suite uses.
+through the device layout on one device and synced over 8; a summed cross-entropy).
 
 Run as a script, this file prints the child's results as JSON.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+FLAGS = ("--xla_cpu_experimental_ynn_fusion_type", "--xla_cpu_experimental_onednn_custom_call")
 BATCH = (128, 32, 32, 3)  # images at batch 128: ResNet-18's first BatchNorm sees 131,072 values per channel
 FILTERS = 64  # ResNet-18's first BatchNorm's channels
 LOSS_BATCH = 65_536  # past the sizes where #39103 goes wrong (16,385 rows in float64, 32,769 in float32)
@@ -48,12 +49,13 @@ def activations():
     return np.stack([padded[:, dy : dy + height, dx : dx + width, c] for dy, dx, c in stem_taps()], axis=-1)
 
 
-def compute(project_flags: bool) -> dict:
-    """The jitted results, in this process; call before jax is imported."""
-    if project_flags:
+def compute(flag_set: str) -> dict:
+    """The jitted results, in this process, under `flag_set`: a dtype whose project flags to set, or
+    "jaxlib_default"; call before jax starts its backend."""
+    if flag_set != "jaxlib_default":
         from resnet_jax import xla_flags
 
-        xla_flags.set_cpu_defaults()
+        xla_flags.set_cpu_defaults(flag_set)
     import functools
 
     import jax
@@ -115,18 +117,22 @@ def compute(project_flags: bool) -> dict:
     return {k: np.asarray(v).tolist() if hasattr(v, "shape") else v for k, v in results.items()}
 
 
-@pytest.fixture(scope="module", params=["project", "jaxlib_default"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "jaxlib_default"])
 def computed(request):
-    """The child's results: with xla_flags.set_cpu_defaults() (as run.py), or with jaxlib's defaults."""
+    """The child's results: with xla_flags.set_cpu_defaults(dtype) (as run.py), or with jaxlib's defaults."""
+    from resnet_jax import xla_flags
+
     environ = dict(os.environ)
-    environ["XLA_FLAGS"] = " ".join(f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith(FLAG))
+    environ["XLA_FLAGS"] = " ".join(f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith(FLAGS))
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), request.param], env=environ, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (FLAG in results["xla_flags"]) == (request.param == "project"), results["xla_flags"]
+    assert (FLAGS[0] in results["xla_flags"]) == (request.param != "jaxlib_default"), results["xla_flags"]
+    onednn = request.param == "bfloat16" and xla_flags.cpu_bfloat16_support() is not None
+    assert (FLAGS[1] in results["xla_flags"]) == onednn, results["xla_flags"]
     return results
 
 
@@ -163,4 +169,4 @@ def test_summed_cross_entropy(computed):
 
 
 if __name__ == "__main__":
-    print(json.dumps(compute(project_flags=sys.argv[1] == "project")))
+    print(json.dumps(compute(sys.argv[1])))

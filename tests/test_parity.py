@@ -8,6 +8,10 @@ not; where torch is installed, the logits test also holds the fixture against to
 
 import functools
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,9 @@ STAGE_SIZES = (2, 2, 2, 2)
 # torchvision.models.resnet18(num_classes=10), and the same with a 3x3 stem conv.
 PARAM_COUNTS = {"imagenet": 11_181_642, "cifar": 11_173_962}
 LOGITS_ATOL = 1e-5  # the README's figure: float32 through two frameworks' kernels
+# bfloat16 keeps 8 bits of mantissa: ResNet-18's logits (up to 2.47 here) come within 0.017 of torch's float32.
+ATOL = {"float32": LOGITS_ATOL, "bfloat16": 0.04}
+PROJECT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type", "--xla_cpu_experimental_onednn_custom_call")
 FIXTURE = dict(np.load(make_torch_parity.PATH))
 
 
@@ -69,13 +76,31 @@ def torch_logits(stem):
     return logits
 
 
+def flax_logits(stem, dtype="float32"):
+    model = models.get_model("resnet18", num_classes=10, stem=stem, dtype=jnp.dtype(dtype))
+    variables = torch_to_flax(state_dict(stem), STAGE_SIZES)
+    return np.asarray(model.apply(variables, jnp.asarray(make_torch_parity.images()), train=False), np.float32)
+
+
 def test_logits_match_torch(stem):
     expected = torch_logits(stem)
-    model = models.get_model("resnet18", num_classes=10, stem=stem)
-    variables = torch_to_flax(state_dict(stem), STAGE_SIZES)
-    flax_logits = np.asarray(model.apply(variables, jnp.asarray(make_torch_parity.images()), train=False))
     assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero logits
-    np.testing.assert_allclose(flax_logits, expected, rtol=0, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(flax_logits(stem), expected, rtol=0, atol=LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_match_torch_under_the_xla_flags_run_py_sets_for_each_dtype(stem, dtype):
+    """In a child process that sets `xla_flags.set_cpu_defaults(dtype)` before jax starts, as run.py does."""
+    environ = dict(os.environ)
+    environ["XLA_FLAGS"] = " ".join(f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith(PROJECT_FLAGS))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environ.get("PYTHONPATH")]))
+    command = [sys.executable, os.path.abspath(__file__), stem, dtype]
+    done = subprocess.run(command, env=environ, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert PROJECT_FLAGS[0] in result["xla_flags"]
+    np.testing.assert_allclose(result["logits"], torch_logits(stem), rtol=0, atol=ATOL[dtype])
 
 
 def test_rejects_missing_and_unmapped_keys():
@@ -85,3 +110,11 @@ def test_rejects_missing_and_unmapped_keys():
         torch_to_flax(weights, STAGE_SIZES)
     with pytest.raises(ValueError, match=r"layer4\.2\.conv1\.weight"):
         torch_to_flax(state_dict("imagenet"), (2, 2, 2, 3))
+
+
+if __name__ == "__main__":
+    from resnet_jax import xla_flags
+
+    xla_flags.set_cpu_defaults(sys.argv[2])
+    logits = flax_logits(sys.argv[1], sys.argv[2])
+    print(json.dumps({"xla_flags": os.environ["XLA_FLAGS"], "logits": logits.tolist()}))

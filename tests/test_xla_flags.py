@@ -20,33 +20,52 @@ def tested_jaxlib(monkeypatch):
 
 def test_adds_the_defaults_after_the_users_flags(tested_jaxlib):
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    xla_flags.set_cpu_defaults(environ)
-    assert environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}=dot,eltwise,reduce"
+    xla_flags.set_cpu_defaults(environ=environ)
+    assert environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}=dot,reduce"
+
+
+@pytest.mark.parametrize("support", ["avx512_bf16", None])
+def test_bfloat16_adds_onednn_where_the_cpu_has_bfloat16_instructions_and_says_which_path(
+    tested_jaxlib, monkeypatch, support
+):
+    monkeypatch.setattr(xla_flags, "cpu_bfloat16_support", lambda: support)
+    float32 = {}
+    assert xla_flags.set_cpu_defaults("float32", float32) is None
+    environ = {}
+    path = xla_flags.set_cpu_defaults("bfloat16", environ)
+    assert float32["XLA_FLAGS"] == f"{FLAG}=dot,reduce"
+    if support:
+        assert environ["XLA_FLAGS"] == f"{FLAG}=dot,reduce --xla_cpu_experimental_onednn_custom_call=true"
+        assert path == "bfloat16 on the CPU: convolutions in oneDNN's bfloat16 kernels (avx512_bf16)"
+    else:
+        assert environ["XLA_FLAGS"] == float32["XLA_FLAGS"]
+        assert "lacks AVX512-BF16 and AMX" in path
 
 
 def test_keeps_a_value_the_user_set(tested_jaxlib):
     environ = {"XLA_FLAGS": f"{FLAG}=individual_convolution"}
-    xla_flags.set_cpu_defaults(environ)
+    xla_flags.set_cpu_defaults(environ=environ)
     assert environ["XLA_FLAGS"] == f"{FLAG}=individual_convolution"
 
 
 @pytest.mark.parametrize("platforms", ["cuda", "tpu"])
 def test_leaves_runs_without_the_cpu_alone(tested_jaxlib, platforms):
     environ = {"JAX_PLATFORMS": platforms}
-    xla_flags.set_cpu_defaults(environ)
+    xla_flags.set_cpu_defaults(environ=environ)
     assert "XLA_FLAGS" not in environ
 
 
 def test_the_installed_jaxlib_is_measured_and_its_xla_takes_the_flag():
     """Fails on a jaxlib the flag was not measured with (a new lock file, a new leg): measure it
-    (docs/measurements.md, "The XLA:CPU flag"), then add it to MEASURED_JAXLIB; and fails if
+    (docs/measurements.md, "The XLA:CPU flags"), then add it to MEASURED_JAXLIB; and fails if
     this XLA refuses the flag."""
     version = importlib.metadata.version("jaxlib")
     assert version.startswith(xla_flags.MEASURED_JAXLIB), f"jaxlib {version} is not in MEASURED_JAXLIB"
     environ = {}
-    xla_flags.set_cpu_defaults(environ)
-    assert environ["XLA_FLAGS"] == f"{FLAG}=dot,eltwise,reduce"
-    assert xla_flags.accepted(environ["XLA_FLAGS"])
+    xla_flags.set_cpu_defaults(environ=environ)
+    assert environ["XLA_FLAGS"] == f"{FLAG}=dot,reduce"
+    every = {**xla_flags.CPU_DEFAULTS, **xla_flags.BFLOAT16_DEFAULTS}
+    assert xla_flags.accepted(" ".join(f"--{name}={value}" for name, value in every.items()))
 
 
 def test_xla_refuses_an_unknown_flag():
@@ -59,8 +78,8 @@ def test_a_newer_jaxlib_gets_the_flag_only_if_its_xla_accepts_it(monkeypatch, ca
     probed = []
     monkeypatch.setattr(xla_flags, "accepted", lambda flags: probed.append(flags) or accepts)
     environ = {}
-    xla_flags.set_cpu_defaults(environ)
-    assert probed == [f"{FLAG}=dot,eltwise,reduce"]
+    xla_flags.set_cpu_defaults(environ=environ)
+    assert probed == [f"{FLAG}=dot,reduce"]
     if accepts:
         assert environ["XLA_FLAGS"] == probed[0] and capsys.readouterr().err == ""
     else:

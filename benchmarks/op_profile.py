@@ -1,0 +1,216 @@
+"""Where a train step's time goes, per kind of operation, in JAX (XLA) and in PyTorch.
+
+Traces a few steps of the trainer's own train step (`throughput.TrainLoop`, under the XLA
+flags run.py sets for the dtype) with `jax.profiler`, and the same network's step in PyTorch
+(`torch_reference.training_step`) with `torch.profiler`, each in its own subprocess, and
+prints each kind of operation's milliseconds per step and its share of the step's operation
+time, side by side. XLA's operations are classified from the compiled step's HLO (the op,
+and whether jax's metadata marks it as part of the backward pass), PyTorch's by aten op name.
+XLA:CPU emits no trace event for the convolutions it runs in Eigen or oneDNN, so their time
+is the JAX step's untraced remainder; `conv_ops.py` times each convolution alone.
+
+    python benchmarks/op_profile.py --model resnet18 --batch-size 128 [--dtype bfloat16] [--json]
+    python benchmarks/op_profile.py --config configs/airbench93.py --no-torch
+
+`--no-torch` profiles the JAX side only (PyTorch's reference has the ResNets only).
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+UNTRACED = "untraced: XLA's Eigen and oneDNN convolutions (no trace event), gaps"
+KINDS = (
+    "convolution forward",
+    "convolution gradients (input and weight)",
+    "dense layer",
+    "BatchNorm, activations, loss (elementwise and reductions)",
+    "layout copies and transposes",
+    "optimizer update",
+    "other",
+    UNTRACED,
+)
+TORCH_KINDS = (  # (kind, aten op names it holds); first match wins, everything else is "other".
+    ("convolution forward", ("convolution", "mkldnn_convolution", "_convolution", "conv2d")),
+    ("convolution gradients (input and weight)", ("convolution_backward",)),
+    ("dense layer", ("addmm", "mm", "linear")),
+    ("optimizer update", ("_foreach_", "sgd", "_fused_sgd")),
+    ("layout copies and transposes", ("copy_", "contiguous", "clone", "to", "_to_copy", "t", "transpose")),
+)
+
+
+def hlo_kinds(hlo_text: str) -> dict:
+    """{instruction name: kind} for the compiled step's instructions, from the HLO text."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if header and "=" not in line.split("{")[0]:
+            current = computations.setdefault(header.group(1), [])
+        elif current is not None and "=" in line:
+            current.append(line)
+
+    def ops(lines, depth=0):
+        """The opcodes (and custom-call targets) of `lines`, with those of the computations they call."""
+        found = set()
+        for line in lines:
+            match = re.search(r"=\s*\S+\s+([\w\-]+)\(", line)
+            if match:
+                found.add(match.group(1))
+            found.update(re.findall(r'custom_call_target="([^"]+)"', line))
+            for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line) if depth < 4 else ():
+                found |= ops(computations.get(called, []), depth + 1)
+        return found
+
+    kinds = {}
+    for lines in computations.values():
+        for line in lines:
+            name = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+            if name:
+                kinds[name.group(1)] = hlo_kind(line, ops([line]))
+    return kinds
+
+
+def hlo_kind(line: str, ops: set) -> str:
+    """The kind of one HLO instruction, from its opcodes and jax's metadata (op_name: "transpose(" marks
+    the backward pass)."""
+    if any("convolution" in op for op in ops):
+        return "convolution gradients (input and weight)" if "transpose(" in line else "convolution forward"
+    if "dot" in ops or any("matmul" in op for op in ops):
+        return "dense layer"
+    if re.search(r'op_name="[^"]*(optax|apply_gradients|sgd|add_decayed_weights)', line, re.I):
+        return "optimizer update"
+    if ops & {"copy", "transpose"} and not ops & {"reduce", "multiply", "add", "subtract", "maximum"}:
+        return "layout copies and transposes"
+    if ops & {"reduce", "multiply", "add", "subtract", "maximum", "divide", "exponential", "select", "compare"}:
+        return "BatchNorm, activations, loss (elementwise and reductions)"
+    return "other"
+
+
+def jax_side(args) -> dict:
+    """{kind: milliseconds per step} of the trainer's train step, from a jax.profiler trace."""
+    sys.path.insert(0, HERE)
+    import jax
+    import throughput
+
+    from resnet_jax import train, xla_flags
+
+    config = throughput.make_config(args)
+    xla_flags.set_cpu_defaults(config.model.dtype)  # The XLA flags run.py trains with.
+    setup = train.Setup(config, throughput.synthetic_dataset(4 * config.batch_size, config.eval_batch_size))
+    devices = jax.local_devices()
+    loop = throughput.TrainLoop(setup, devices)
+    kinds = hlo_kinds(loop.step_fn.lower(loop.state, loop.resident).compile().as_text())
+    loop.run(2, resident=True)  # Compiles and warms up.
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            seconds = loop.run(args.steps, resident=True)
+        (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e["name"] in kinds]
+    totals = collections.Counter()
+    for event in events:
+        totals[kinds[event["name"]]] += event["dur"] / 1e3 / args.steps
+    busy, end = 0.0, 0.0  # The union of the operations' intervals: the time some operation ran.
+    for event in sorted(events, key=lambda e: e["ts"]):
+        busy += max(0.0, event["ts"] + event["dur"] - max(event["ts"], end))
+        end = max(end, event["ts"] + event["dur"])
+    step_ms = 1e3 * seconds / args.steps
+    totals[UNTRACED] = max(0.0, step_ms - busy / 1e3 / args.steps)
+    return {"jax": jax.__version__, "step_ms": step_ms, "ms_per_step": dict(totals)}
+
+
+def torch_kind(name: str) -> str:
+    op = name.removeprefix("aten::")
+    for kind, names in TORCH_KINDS:
+        if op in names or any(n.endswith("_") and op.startswith(n) for n in names):
+            return kind
+    if op.startswith(("native_batch_norm", "batch_norm", "_batch_norm", "cudnn_batch_norm")):
+        return "BatchNorm, activations, loss (elementwise and reductions)"
+    if name.startswith("aten::"):
+        return "BatchNorm, activations, loss (elementwise and reductions)"
+    return "other"
+
+
+def torch_side(args) -> dict:
+    """{kind: milliseconds per step} of the PyTorch reference step, from torch.profiler's self times."""
+    sys.path.insert(0, HERE)
+    import torch
+    from torch_reference import training_step
+
+    model, dtype = args.model or "resnet18", args.dtype or "float32"
+    step, _ = training_step(args.stem or "cifar", args.batch_size, dtype, "cpu", model)
+    for _ in range(2):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        step_ms = 1e3 * (time.perf_counter() - start) / args.steps
+    totals = collections.Counter()
+    for event in profile.key_averages():
+        if event.key.startswith("aten::"):  # Leaf ops' self time: each microsecond counted once.
+            totals[torch_kind(event.key)] += event.self_cpu_time_total / 1e3 / args.steps
+    totals[UNTRACED] = max(0.0, step_ms - sum(totals.values()))
+    return {"torch": torch.__version__, "step_ms": step_ms, "ms_per_step": dict(totals)}
+
+
+def run_side(python, side, argv) -> dict:
+    command = [python, os.path.abspath(__file__), "--side", side, *argv]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(sides: dict) -> list:
+    """Rows: kind, then per side its milliseconds per step and share of the step. JAX's operations may
+    overlap (XLA runs independent ones at once), so its kinds can add up to more than the step."""
+    rows = []
+    for kind in (*KINDS, "step"):
+        row = [kind]
+        for side in sides.values():
+            ms = side["step_ms"] if kind == "step" else side["ms_per_step"].get(kind, 0.0)
+            row += [round(ms, 1), round(100 * ms / side["step_ms"], 1)]
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="a configs/*.py file: the JAX side's model, dtype")
+    parser.add_argument("--model", default=None, help="default: the config's (resnet18)")
+    parser.add_argument("--stem", default=None, choices=("cifar", "imagenet"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="steps traced on each side")
+    parser.add_argument("--no-torch", action="store_true", help="profile the JAX side only")
+    parser.add_argument("--torch-python", default=sys.executable, help="the interpreter with PyTorch installed")
+    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = parser.parse_args()
+    args.no_augment, args.parallel, args.eval_batch_size = False, None, None  # as throughput.make_config reads them
+    if args.side:
+        print(json.dumps((jax_side if args.side == "jax" else torch_side)(args)))
+        return
+    argv = [a for a in sys.argv[1:] if a not in ("--json", "--no-torch")]
+    sides = {"JAX": run_side(sys.executable, "jax", argv)}
+    if not args.no_torch:
+        sides["PyTorch"] = run_side(args.torch_python, "torch", argv)
+    rows = table(sides)
+    if not args.json:
+        names = list(sides)
+        print(f"{'kind of operation':58}" + "".join(f"{n + ' ms/step':>16}{'share %':>9}" for n in names))
+        for row in rows:
+            print(f"{row[0]:58}" + "".join(f"{ms:16.1f}{share:9.1f}" for ms, share in zip(row[1::2], row[2::2])))
+    print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "side"}, "sides": sides, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
