@@ -1,23 +1,17 @@
 """Step parity with airbench's own code: its network and ours from the same weights, trained on
 the same batches by the recipe's optimizer, side by side.
 
-PyTorch's run of airbench (`make_net93`/`make_net94`, `init_whitening_conv`, its SGD parameter
-groups, `get_lr`, `LookaheadState` and loss, as its `train` builds them) goes in a subprocess of
-`--torch-python`, a Python with torch and torchvision, importing the airbench checkout at
-`--airbench`; its `.half().cuda()` are made no-ops there, so it runs in float32 on the CPU. It
-whitens from our first 5,000 train images, and our network starts from its weights. Both then take
-the first `--steps` batches of the recipe (no augmentation, the same normalised floats). Early
-training is chaotic, so the yardstick is PyTorch's own gap to a copy of itself whose weights are
-perturbed at float32's resolution (each times 1 +- 2^-23): ours should stay within it. It needs
-torch and airbench, so CI does not run it.
+airbench's side (`make_net93`/`94`, `init_whitening_conv`, its SGD groups, `get_lr`, `LookaheadState`
+and loss, as its `train` builds them) runs under --torch-python from the --airbench checkout, its
+`.half().cuda()` made no-ops (float32 on the CPU), whitened from our first 5,000 train images; ours
+starts from its weights; both take the recipe's first --steps batches, unaugmented. Training is
+chaotic, so the yardstick is airbench's gap to a copy of itself perturbed at float32's resolution
+(weights x 1 +- 2^-23): exit 0 (PARITY) when ours stays within twice it, in loss and in parameters.
+By design, airbench's lookahead average starts before the whitening init, ours (and this PyTorch
+side's) after; PyTorch's BatchNorm keeps the unbiased running variance, flax's the biased one.
 
     python benchmarks/airbench_parity.py --airbench AIRBENCH_CHECKOUT --torch-python TORCH_VENV/bin/python \\
         --data-dir TFDS_DIR [--model airbench93] [--steps 20]
-
-The differences left by design: airbench's lookahead average starts from the weights before the
-whitening init (its `LookaheadState` is made first), ours from the whitened ones, so the PyTorch
-side here makes it after; PyTorch's BatchNorm keeps the unbiased running variance, flax's the biased
-one (statistics only: training normalises by the batch's).
 """
 
 import argparse
@@ -53,7 +47,6 @@ utils.init_whitening_conv(net[0], torch.tensor(data["whitening_images"]).permute
 batches = torch.tensor(data["images"]).permute(0, 1, 4, 2, 3).contiguous()
 labels = torch.tensor(data["labels"]).long()
 initial = {k: v.clone() for k, v in net.state_dict().items()}
-
 
 def train(net):
     """airbench.utils.train's optimizer, schedule, loss and lookahead for spec["steps"] steps."""
@@ -95,7 +88,6 @@ def train(net):
             lookahead_state.update(net, decay=alpha_schedule[step + 1].item())
     return losses, {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
 
-
 losses, final = train(net)
 perturbed = make_net()
 generator = torch.Generator().manual_seed(1)
@@ -116,10 +108,7 @@ np.savez(sys.argv[4], losses=losses, perturbed_losses=perturbed_losses,
 
 def torch_to_flax(tensors: dict, prefix: str, groups: int = 3) -> dict:
     """airbench's state_dict names and layouts (OIHW, (out, in)) -> our params and BatchNorm statistics."""
-
-    def get(name):
-        return tensors[prefix + name]
-
+    get = lambda name: tensors[prefix + name]  # noqa: E731
     params = {"whiten": {"kernel": get("0.weight").transpose(2, 3, 1, 0), "bias": get("0.bias")}}
     stats = {}
     for i in range(1, groups + 1):
@@ -127,10 +116,8 @@ def torch_to_flax(tensors: dict, prefix: str, groups: int = 3) -> dict:
         for j in (1, 2):
             params[f"group{i}_conv{j}"] = {"kernel": get(f"{module}conv{j}.weight").transpose(2, 3, 1, 0)}
             params[f"group{i}_norm{j}"] = {"bias": get(f"{module}norm{j}.bias")}
-            stats[f"group{i}_norm{j}"] = {
-                "mean": get(f"{module}norm{j}.running_mean"),
-                "var": get(f"{module}norm{j}.running_var"),
-            }
+            norm = f"{module}norm{j}."
+            stats[f"group{i}_norm{j}"] = {"mean": get(norm + "running_mean"), "var": get(norm + "running_var")}
     params["head"] = {"kernel": get(f"{groups + 4}.weight").T}
     return {"params": params, "batch_stats": stats}
 
@@ -166,23 +153,15 @@ def main():
     mean, std = pipeline.normalization(config.data, dataset)
     normalise = jax.jit(lambda x: pipeline.preprocess(x, mean, std, jnp.float32))
     rows = (dataset.train_images, dataset.train_labels)
-    batches = [
-        pipeline.train_batch(*rows, s, batch_size=config.batch_size, seed=config.seed) for s in range(args.steps)
-    ]
+    batches = list(pipeline.train_batches(*rows, range(args.steps), batch_size=config.batch_size, seed=config.seed))
     images = np.stack([np.asarray(normalise(b["image"])) for b in batches])
     whitening_images = np.asarray(normalise(dataset.train_images[: train.WHITENING_IMAGES]))
     # airbench's form of the recipe's learning rate: per 1,024 examples on the summed loss.
     learning_rate = config.learning_rate * 1024 * (1 + 1 / (1 - config.momentum)) / config.base_batch_size
-    spec = {
-        "model": args.model,
-        "steps": args.steps,
-        "total_steps": setup.num_steps,
-        "momentum": config.momentum,
-        "learning_rate": learning_rate,
-        "weight_decay": config.weight_decay * learning_rate,
-        "bias_scaler": train.param_rules(config, setup.fresh_state.params)["group1_norm1"]["bias"][0],
-        "label_smoothing": config.label_smoothing,
-    }
+    spec = dict(model=args.model, steps=args.steps, total_steps=setup.num_steps, momentum=config.momentum)
+    spec.update(learning_rate=learning_rate, weight_decay=config.weight_decay * learning_rate)
+    spec["bias_scaler"] = train.param_rules(config, setup.fresh_state.params)["group1_norm1"]["bias"][0]
+    spec["label_smoothing"] = config.label_smoothing
     with tempfile.TemporaryDirectory() as tmp:
         data, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         np.savez(data, images=images, labels=np.stack([b["label"] for b in batches]), whitening_images=whitening_images)
@@ -190,14 +169,11 @@ def main():
         torch_run = dict(np.load(out))
 
     initial = torch_to_flax(torch_run, "initial/")
-    ours_kernel = models.whitening_kernel(whitening_images)
-    theirs_kernel = initial["params"]["whiten"]["kernel"]
+    ours_kernel, theirs_kernel = models.whitening_kernel(whitening_images), initial["params"]["whiten"]["kernel"]
+    gap = lambda i, j: np.abs(ours_kernel[..., i] - theirs_kernel[..., j]).max()  # noqa: E731
     # An eigenvector's sign is arbitrary: channel i may come out as channel i + 12 (its negative).
     half = theirs_kernel.shape[-1] // 2
-    matched = [
-        min(np.abs(ours_kernel[..., i] - theirs_kernel[..., j]).max() for j in (i, (i + half) % (2 * half)))
-        for i in range(2 * half)
-    ]
+    matched = [min(gap(i, i), gap(i, (i + half) % (2 * half))) for i in range(2 * half)]
     layout, device = setup.layout, jax.local_devices()[:1]
     step_fn = layout.map_step(setup.configured_train_step(), device)
     state = layout.replicate(setup.with_weights(setup.fresh_state, initial), device)
@@ -213,9 +189,8 @@ def main():
     print(f"{args.model}: {args.steps} steps of batch {config.batch_size}, jax {jax.__version__}")
     print(f"whitening kernel, ours vs airbench's (channels matched up to sign): max |diff| {max(matched):.2e}")
     print("step  loss airbench  loss ours   |ours - airbench|  |perturbed - airbench|")
-    for step, (theirs, mine, perturbed) in enumerate(
-        zip(torch_run["losses"], losses, torch_run["perturbed_losses"]), start=1
-    ):
+    table = zip(torch_run["losses"], losses, torch_run["perturbed_losses"])
+    for step, (theirs, mine, perturbed) in enumerate(table, start=1):
         print(f"{step:4d}  {theirs:13.7f}  {mine:9.7f}  {abs(mine - theirs):17.2e}  {abs(perturbed - theirs):21.2e}")
     ours_gap, yardstick = relative_gap(ours, theirs_final), relative_gap(perturbed_final, theirs_final)
     loss_gap = max(abs(a - b) for a, b in zip(losses, torch_run["losses"]))

@@ -1,21 +1,15 @@
-"""airbench's own code, trained on the CPU in float32 on the same images as this project's runs:
-the reference `configs/airbench93.py` and `configs/airbench94.py` are held against.
+"""airbench's own code, trained on the CPU in float32 on this project's images: the reference
+`configs/airbench93.py` and `configs/airbench94.py` are held against.
 
-Writes airbench's `cifar10/train.pt` and `test.pt` into `--workdir` from the JPEG archive, in
-the order `python -m resnet_jax.tfds_writer` writes the tfds splits (a fixed shuffle: the
-archive is stored class by class, and the whitening reads the first 5,000 train images), then
-runs airbench's `train93()` or `train94()` there, its device lines moved to the CPU without
-editing its files: `.half()` and `.cuda()` of modules, `half()` of tensors, `torch.load`'s
-`map_location="cuda"`, and `torch.cuda.Event` / `synchronize` (a perf_counter clock). Run it
-under a Python with torch and torchvision, with this repository on PYTHONPATH (for the
-archive reader):
+Writes airbench's `cifar10/train.pt` and `test.pt` into --workdir from the JPEG archive, shuffled
+as `python -m resnet_jax.tfds_writer` writes the tfds splits (the whitening reads the first 5,000
+train images), then runs airbench's `train93()` or `train94()` there, its device lines moved to the
+CPU (`move_to_cpu`). Prints airbench's table (accuracy without and with its test-time augmentation;
+total_time_seconds: training and the final evaluation), then wall_seconds. Run it under a Python
+with torch and torchvision, this repository on PYTHONPATH:
 
     PYTHONPATH=. TORCH_VENV/bin/python benchmarks/airbench_reference.py --airbench AIRBENCH_CHECKOUT \\
         --archive ../shared/data/cifar10_jpeg.tar.xz --workdir /tmp/airbench [--model airbench93]
-
-It prints airbench's own table (accuracy without and with its test-time augmentation, and its
-`total_time_seconds`: training and the final evaluation, not the per-epoch evaluations), then
-the process's wall time.
 """
 
 import argparse
@@ -38,7 +32,8 @@ def write_splits(archive: str, folder: str) -> None:
 
 
 def move_to_cpu() -> None:
-    """airbench's device lines, made no-ops or CPU equivalents from outside its files."""
+    """airbench's device lines as no-ops or CPU equivalents: modules' `.half()` and `.cuda()`, tensors'
+    `half()`, `torch.load`'s map_location, and `torch.cuda.Event` / `synchronize` (a perf_counter clock)."""
     import torch
 
     class Event:

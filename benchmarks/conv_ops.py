@@ -1,16 +1,12 @@
-"""Per-convolution timings, JAX (XLA) vs PyTorch, for every convolution of a CIFAR ResNet.
+"""Per-convolution timings, JAX (XLA) against PyTorch, for every convolution of a CIFAR ResNet.
 
-Where does a train step's time go? Convolutions are ~90% of a ResNet-18 step's FLOPs,
-so this times each of them alone, forward, input gradient (dx) and weight gradient
-(dw), at the training batch size, in JAX (under the XLA flags run.py sets) and in
-PyTorch (channels_last, 2 threads or --threads), each framework in its own subprocess,
-and prints the per-layer times and their totals weighted by how often each layer
-occurs in the model. Comparing the totals with the whole train step (compare.py) shows
-how much of the step, and of the JAX/PyTorch gap, is convolution kernels.
+Times each convolution alone (they are ~90% of a ResNet-18 step's FLOPs): forward, input gradient
+(dx), weight gradient (dw), at the training batch size, in JAX (run.py's XLA flags) and PyTorch
+(channels_last, --threads), each in its own process. jax_ms, torch_ms: their totals per step, each
+layer weighted by its count in the model. JAX only where PyTorch is not installed beside it
+(docs/measurements.md, 'The PyTorch side').
 
     python benchmarks/conv_ops.py --model resnet18 --batch-size 128 [--dtype float32] [--json]
-
-Needs PyTorch beside JAX for the PyTorch side (docs/measurements.md, 'The PyTorch side'); without it, JAX only.
 """
 
 import argparse
@@ -19,7 +15,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -87,18 +82,12 @@ def time_torch(shape, batch_size, dtype, repeats):
 
     size, cin, cout, k, stride = shape
     torch_dtype = getattr(torch, dtype)
-    x = torch.randn(batch_size, cin, size, size, dtype=torch_dtype).to(memory_format=torch.channels_last)
-    w = (torch.randn(cout, cin, k, k, dtype=torch_dtype) * 0.05).to(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
+    leaf = lambda t: t.to(memory_format=torch.channels_last).requires_grad_()  # noqa: E731
+    x = leaf(torch.randn(batch_size, cin, size, size, dtype=torch_dtype))
+    w = leaf(torch.randn(cout, cin, k, k, dtype=torch_dtype) * 0.05)
     conv = lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding=k // 2)  # noqa: E731
     g = torch.ones_like(conv())
-
-    def forward():
-        with torch.no_grad():
-            conv()
-
-    fwd = median_ms(forward, repeats)
+    fwd = median_ms(torch.no_grad()(conv), repeats)
     # Autograd needs the forward pass; subtract it.
     dx = median_ms(lambda: torch.autograd.grad(conv(), x, g), repeats) - fwd
     dw = median_ms(lambda: torch.autograd.grad(conv(), w, g), repeats) - fwd
@@ -143,42 +132,22 @@ def main():
         print(json.dumps(measure(args.framework, args.model, args.batch_size, args.dtype, args.repeats, args.threads)))
         return
 
-    frameworks = ["jax"] + (["torch"] if importlib.util.find_spec("torch") else [])
-    results = {}
-    for framework in frameworks:  # Each in a fresh process: no shared thread pools.
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--framework",
-            framework,
-            "--model",
-            args.model,
-            "--batch-size",
-            str(args.batch_size),
-            "--dtype",
-            args.dtype,
-            "--repeats",
-            str(args.repeats),
-            "--threads",
-            str(args.threads),
-        ]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        results[framework] = json.loads(done.stdout.strip().splitlines()[-1])
-    summary = {
-        "model": args.model,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        **{f"{name}_ms": result["totals"] for name, result in results.items()},
-    }
+    from compare import run_json  # a sibling script; this folder is sys.path[0]
+
+    options = f"--model {args.model} --batch-size {args.batch_size} --dtype {args.dtype} --repeats {args.repeats}"
+    options = [*options.split(), "--threads", str(args.threads)]
+    results = {}  # Each framework in a fresh process: no shared thread pools.
+    for framework in ["jax"] + (["torch"] if importlib.util.find_spec("torch") else []):
+        results[framework] = run_json([sys.executable, os.path.abspath(__file__), "--framework", framework, *options])
+    summary = {"model": args.model, "batch_size": args.batch_size, "dtype": args.dtype}
+    summary.update({f"{name}_ms": result["totals"] for name, result in results.items()})
     if "torch" in results:
         summary["jax_over_torch_time"] = round(results["jax"]["totals"]["all"] / results["torch"]["totals"]["all"], 3)
     if not args.json:
         print(f"{'height cin cout k stride (count)':34}" + "".join(f"{name + ' fwd/dx/dw ms':>26}" for name in results))
         for i, layer in enumerate(results["jax"]["layers"]):
             label = " ".join(map(str, layer["shape"])) + f" (x{layer['count']})"
-            cells = [
-                "/".join(f"{r['layers'][i][key]:.1f}" for key in ("forward", "dx", "dw")) for r in results.values()
-            ]
+            cells = ["/".join(f"{r['layers'][i][k]:.1f}" for k in ("forward", "dx", "dw")) for r in results.values()]
             print(f"{label:34}" + "".join(f"{cell:>26}" for cell in cells))
         for name, result in results.items():
             print(f"{name} total (weighted by count): {result['totals']} ms per step")

@@ -1,13 +1,12 @@
 """Speed and time-to-accuracy of this trainer on a GPU or TPU VM, in one command: setup (wheels,
 data), tests on the accelerator, speed (throughput.py, torch_reference.py), then airbench94 and
 configs/resnet18.py's full recipe trained to accuracy. Each stage is skipped, saying why, when what
-is left of --budget would not hold it. What each measures: docs/device-check.md.
+is left of --budget would not hold it. Writes DIR/device_check.json (each stage's results, status
+and seconds) and DIR/device_check.log (every command and its output); exits 1 if a stage failed or
+there is no accelerator. What each measures: docs/device-check.md.
 
     python benchmarks/device_check.py --out DIR [--budget SECONDS] [--data-dir DIR | --archive FILE] [--wheels DIR]
     python benchmarks/device_check.py --out DIR --dry-run    # every stage at tiny sizes, on a CPU
-
-Writes DIR/device_check.json (each stage's results, status and seconds) and DIR/device_check.log
-(every command and its output); exits 1 if a stage failed or there is no accelerator.
 """
 
 import argparse
@@ -88,8 +87,7 @@ class Check:
     def log(self, text: str) -> None:
         line = f"[{time.monotonic() - self.start:6.1f}s] {text}"
         print(line, flush=True)
-        self.log_file.write(line + "\n")
-        self.log_file.flush()
+        print(line, file=self.log_file, flush=True)
 
     def write(self) -> None:
         self.results["total_seconds"] = round(time.monotonic() - self.start, 1)
@@ -97,8 +95,8 @@ class Check:
             json.dump(self.results, f, indent=2)
 
     def run(self, command, timeout=None, env=None):
-        """Runs `command` from the repository root; returns (exit code, output) and logs both. Never
-        waits past the budget: a command still running then is killed with its children (code None)."""
+        """(exit code, output) of `command`, run from the repository root and logged; killed with its
+        children when the budget runs out (code None)."""
         self.log("$ " + " ".join(command))
         timeout = max(1.0, min(timeout or self.left(), self.left()))
         with tempfile.TemporaryFile("w+") as output:
@@ -247,16 +245,12 @@ def train_stage(check, name, sizes):
         str(m): next((round(r["elapsed_seconds"] - compile_seconds, 1) for r in tests if r["accuracy"] >= m), None)
         for m in ACCURACY_MARKS
     }
-    return {
-        "status": "ok" if code == 0 else "failed",
-        "exit_code": code,
-        "epochs": tests[-1]["epoch"],
-        "test_accuracy": tests[-1]["accuracy"],
-        "wall_seconds": round(tests[-1]["elapsed_seconds"], 1),
-        "compile_seconds": round(compile_seconds, 1),
-        "wall_seconds_without_compilation": round(tests[-1]["elapsed_seconds"] - compile_seconds, 1),
-        "seconds_to_accuracy": marks,
-    }
+    last = tests[-1]
+    result = {"status": "ok" if code == 0 else "failed", "exit_code": code, "epochs": last["epoch"]}
+    result.update(test_accuracy=last["accuracy"], wall_seconds=round(last["elapsed_seconds"], 1))
+    without = round(last["elapsed_seconds"] - compile_seconds, 1)
+    result.update(compile_seconds=round(compile_seconds, 1), wall_seconds_without_compilation=without)
+    return {**result, "seconds_to_accuracy": marks}
 
 
 def main(argv=None):

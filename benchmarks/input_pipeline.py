@@ -1,16 +1,12 @@
 """Host-side speed of the input pipeline, in images/s.
 
-Times what the training loop does on the host for every step: `pipeline.train_batch`
-(the epoch's permutation, the gather of the batch's images and labels from the uint8
-split held in memory), then `parallel.device_batches`, the host->device transfer of the
-batch onto the local devices in the layout the train step takes (until `block_until_ready`).
-Reports both rates: host_images_per_sec (batching alone) and images_per_sec (batching +
-transfer), the medians over `--repeats` timings of `--steps` batches.
+Times what training does on the host each step: `pipeline.train_batch` (the epoch's permutation,
+the gather from --num-train random uint8 32x32x3 images in memory; pixels do not matter), then
+`parallel.device_batches`, the transfer onto the local devices (until `block_until_ready`).
+host_images_per_sec: batching alone; images_per_sec: batching and transfer; each the median over
+--repeats timings of --steps batches.
 
     python benchmarks/input_pipeline.py [--batch-size 512] [--num-train 50000] [--json]
-
-The split is `--num-train` random uint8 32x32x3 images (the size of CIFAR-10's train split by
-default): batching gathers uint8 arrays, whatever their pixels.
 """
 
 import argparse
@@ -30,24 +26,18 @@ from resnet_jax import parallel  # noqa: E402
 from resnet_jax.data import pipeline  # noqa: E402
 
 
-def time_batches(images, labels, args, devices, first_step, transfer):
-    """Seconds for `args.steps` consecutive train batches from `first_step`, sent to `devices` if `transfer`."""
-    start = time.perf_counter()
-    steps = range(first_step, first_step + args.steps)
-    batches = pipeline.train_batches(images, labels, steps, batch_size=args.batch_size, seed=0)
-    for batch in parallel.layout(args.parallel).device_batches(batches, devices) if transfer else batches:
-        jax.block_until_ready(batch)
-    return time.perf_counter() - start
-
-
 def benchmark(images, labels, args, devices):
-    """Median host-only and host+transfer images/s; repeats alternate between the two."""
+    """Median host-only and host+transfer images/s over --repeats timings of --steps consecutive batches."""
     rates = {"host_images_per_sec": [], "images_per_sec": []}
     for r in range(args.repeats + 1):  # The first round warms up (permutation cache, transfer path).
-        for key, transfer in (("host_images_per_sec", False), ("images_per_sec", True)):
-            seconds = time_batches(images, labels, args, devices, r * args.steps, transfer)
+        for key, transfer in (("host_images_per_sec", False), ("images_per_sec", True)):  # alternately
+            start = time.perf_counter()
+            steps = range(r * args.steps, (r + 1) * args.steps)
+            batches = pipeline.train_batches(images, labels, steps, batch_size=args.batch_size, seed=0)
+            for batch in parallel.layout(args.parallel).device_batches(batches, devices) if transfer else batches:
+                jax.block_until_ready(batch)
             if r:
-                rates[key].append(args.steps * args.batch_size / seconds)
+                rates[key].append(args.steps * args.batch_size / (time.perf_counter() - start))
     return {key: round(statistics.median(values), 1) for key, values in rates.items()}
 
 
@@ -60,7 +50,6 @@ def main():
     parser.add_argument("--parallel", default="pmap", choices=sorted(parallel.LAYOUTS), help="the device layout")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
-
     devices = jax.local_devices()
     if args.batch_size % len(devices):
         parser.error(f"--batch-size {args.batch_size} is not divisible by the {len(devices)} devices")
@@ -69,21 +58,14 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.num_train, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.num_train, dtype=np.int32)
-    result = {
-        "backend": jax.default_backend(),
-        "devices": len(devices),
-        "batch_size": args.batch_size,
-        "parallel": args.parallel,
-        "num_train": len(images),
-        "steps": args.steps,
-        "repeats": args.repeats,
-    }
+    result = {"backend": jax.default_backend(), "devices": len(devices), "batch_size": args.batch_size}
+    result.update(parallel=args.parallel, num_train=len(images), steps=args.steps, repeats=args.repeats)
     result.update(benchmark(images, labels, args, devices))
     if not args.json:
         print(
             f"batch {args.batch_size} from {len(images)} images: {result['host_images_per_sec']} images/s batched on "
-            f"the host, {result['images_per_sec']} images/s"
-            f" with the transfer to {len(devices)} {result['backend']} device(s)"
+            f"the host, {result['images_per_sec']} images/s with the transfer to {len(devices)} {result['backend']} "
+            "device(s)"
         )
     print(json.dumps(result))
 

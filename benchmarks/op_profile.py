@@ -1,18 +1,14 @@
 """Where a train step's time goes, per kind of operation, in JAX (XLA) and in PyTorch.
 
-Traces a few steps of the trainer's own train step (`throughput.TrainLoop`, under the XLA
-flags run.py sets for the dtype) with `jax.profiler`, and the same network's step in PyTorch
-(`torch_reference.training_step`) with `torch.profiler`, each in its own subprocess, and
-prints each kind of operation's milliseconds per step and its share of the step's operation
-time, side by side. XLA's operations are classified from the compiled step's HLO (the op,
-and whether jax's metadata marks it as part of the backward pass), PyTorch's by aten op name.
-XLA:CPU emits no trace event for the convolutions it runs in Eigen or oneDNN, so their time
-is the JAX step's untraced remainder; `conv_ops.py` times each convolution alone.
+Traces the trainer's train step (`throughput.TrainLoop`, run.py's XLA flags) with jax.profiler and
+`torch_reference.training_step` with torch.profiler, each in its own process; rows: kind, then per
+side milliseconds per step and share of the step. XLA's ops are classified from the compiled HLO
+(jax's metadata marks the backward pass), PyTorch's by aten name. XLA:CPU emits no trace event for
+its Eigen and oneDNN convolutions: their time is JAX's untraced remainder (conv_ops.py times them).
+JAX's ops may overlap, so its kinds can add up to more than the step.
 
     python benchmarks/op_profile.py --model resnet18 --batch-size 128 [--dtype bfloat16] [--json]
-    python benchmarks/op_profile.py --config configs/airbench93.py --no-torch
-
-`--no-torch` profiles the JAX side only (PyTorch's reference has the ResNets only).
+    python benchmarks/op_profile.py --config configs/airbench93.py --no-torch   # PyTorch's has ResNets only
 """
 
 import argparse
@@ -22,23 +18,15 @@ import gzip
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNTRACED = "untraced: XLA's Eigen and oneDNN convolutions (no trace event), gaps"
-KINDS = (
-    "convolution forward",
-    "convolution gradients (input and weight)",
-    "dense layer",
-    "BatchNorm, activations, loss (elementwise and reductions)",
-    "layout copies and transposes",
-    "optimizer update",
-    "other",
-    UNTRACED,
-)
+KINDS = ("convolution forward", "convolution gradients (input and weight)", "dense layer",
+         "BatchNorm, activations, loss (elementwise and reductions)", "layout copies and transposes",
+         "optimizer update", "other", UNTRACED)  # fmt: skip
 TORCH_KINDS = (  # (kind, aten op names it holds); first match wins, everything else is "other".
     ("convolution forward", ("convolution", "mkldnn_convolution", "_convolution", "conv2d")),
     ("convolution gradients (input and weight)", ("convolution_backward",)),
@@ -62,9 +50,7 @@ def hlo_kinds(hlo_text: str) -> dict:
         """The opcodes (and custom-call targets) of `lines`, with those of the computations they call."""
         found = set()
         for line in lines:
-            match = re.search(r"=\s*\S+\s+([\w\-]+)\(", line)
-            if match:
-                found.add(match.group(1))
+            found.update(re.findall(r"=\s*\S+\s+([\w\-]+)\(", line)[:1])  # the opcode
             found.update(re.findall(r'custom_call_target="([^"]+)"', line))
             for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line) if depth < 4 else ():
                 found |= ops(computations.get(called, []), depth + 1)
@@ -80,8 +66,7 @@ def hlo_kinds(hlo_text: str) -> dict:
 
 
 def hlo_kind(line: str, ops: set) -> str:
-    """The kind of one HLO instruction, from its opcodes and jax's metadata (op_name: "transpose(" marks
-    the backward pass)."""
+    """The kind of one HLO instruction, from its opcodes and jax's metadata ("transpose(": backward pass)."""
     if any("convolution" in op for op in ops):
         return "convolution gradients (input and weight)" if "transpose(" in line else "convolution forward"
     if "dot" in ops or any("matmul" in op for op in ops):
@@ -106,8 +91,7 @@ def jax_side(args) -> dict:
     config = throughput.make_config(args)
     xla_flags.set_cpu_defaults(config.model.dtype)  # The XLA flags run.py trains with.
     setup = train.Setup(config, throughput.synthetic_dataset(4 * config.batch_size, config.eval_batch_size))
-    devices = jax.local_devices()
-    loop = throughput.TrainLoop(setup, devices)
+    loop = throughput.TrainLoop(setup, jax.local_devices())
     kinds = hlo_kinds(loop.step_fn.lower(loop.state, loop.resident).compile().as_text())
     loop.run(2, resident=True)  # Compiles and warms up.
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -133,11 +117,7 @@ def torch_kind(name: str) -> str:
     for kind, names in TORCH_KINDS:
         if op in names or any(n.endswith("_") and op.startswith(n) for n in names):
             return kind
-    if op.startswith(("native_batch_norm", "batch_norm", "_batch_norm", "cudnn_batch_norm")):
-        return "BatchNorm, activations, loss (elementwise and reductions)"
-    if name.startswith("aten::"):
-        return "BatchNorm, activations, loss (elementwise and reductions)"
-    return "other"
+    return "BatchNorm, activations, loss (elementwise and reductions)" if name.startswith("aten::") else "other"
 
 
 def torch_side(args) -> dict:
@@ -163,25 +143,6 @@ def torch_side(args) -> dict:
     return {"torch": torch.__version__, "step_ms": step_ms, "ms_per_step": dict(totals)}
 
 
-def run_side(python, side, argv) -> dict:
-    command = [python, os.path.abspath(__file__), "--side", side, *argv]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def table(sides: dict) -> list:
-    """Rows: kind, then per side its milliseconds per step and share of the step. JAX's operations may
-    overlap (XLA runs independent ones at once), so its kinds can add up to more than the step."""
-    rows = []
-    for kind in (*KINDS, "step"):
-        row = [kind]
-        for side in sides.values():
-            ms = side["step_ms"] if kind == "step" else side["ms_per_step"].get(kind, 0.0)
-            row += [round(ms, 1), round(100 * ms / side["step_ms"], 1)]
-        rows.append(row)
-    return rows
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="a configs/*.py file: the JAX side's model, dtype")
@@ -199,14 +160,21 @@ def main():
     if args.side:
         print(json.dumps((jax_side if args.side == "jax" else torch_side)(args)))
         return
-    argv = [a for a in sys.argv[1:] if a not in ("--json", "--no-torch")]
-    sides = {"JAX": run_side(sys.executable, "jax", argv)}
+    from compare import run_json
+
+    argv = [os.path.abspath(__file__), *(a for a in sys.argv[1:] if a not in ("--json", "--no-torch"))]
+    sides = {"JAX": run_json([sys.executable, *argv, "--side", "jax"])}
     if not args.no_torch:
-        sides["PyTorch"] = run_side(args.torch_python, "torch", argv)
-    rows = table(sides)
+        sides["PyTorch"] = run_json([args.torch_python, *argv, "--side", "torch"])
+    rows = []  # kind, then per side its milliseconds per step and share of the step
+    for kind in (*KINDS, "step"):
+        row = [kind]
+        for side in sides.values():
+            ms = side["step_ms"] if kind == "step" else side["ms_per_step"].get(kind, 0.0)
+            row += [round(ms, 1), round(100 * ms / side["step_ms"], 1)]
+        rows.append(row)
     if not args.json:
-        names = list(sides)
-        print(f"{'kind of operation':58}" + "".join(f"{n + ' ms/step':>16}{'share %':>9}" for n in names))
+        print(f"{'kind of operation':58}" + "".join(f"{n + ' ms/step':>16}{'share %':>9}" for n in sides))
         for row in rows:
             print(f"{row[0]:58}" + "".join(f"{ms:16.1f}{share:9.1f}" for ms, share in zip(row[1::2], row[2::2])))
     print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "side"}, "sides": sides, "rows": rows}))

@@ -1,8 +1,9 @@
-"""PyTorch reference: the tutorial's ResNet with its residual block fixed, and its training throughput.
+"""PyTorch's training images/s of the network the JAX trainer trains: the tutorial's ResNet, block fixed.
 
-The block is fixed as in `resnet_jax.models`: bias-free convs, and a shortcut of its own
-(1x1 strided conv + BatchNorm, torchvision's ``downsample``) when the shape changes. Module
-names follow torchvision, so state_dicts convert with `resnet_jax.convert.torch_to_flax`.
+The block is fixed as in `resnet_jax.models`: bias-free convs, and a 1x1 strided conv + BatchNorm
+shortcut where the shape changes; module names follow torchvision, so state_dicts convert with
+`resnet_jax.convert.torch_to_flax`. train_images_per_sec: the median over --repeats timings of --steps
+SGD steps on a fixed random batch, channels_last (`torch.compile` on CUDA, autocast for bfloat16).
 
     python benchmarks/torch_reference.py --stem cifar --batch-size 128 [--dtype bfloat16] [--json]
 """
@@ -21,9 +22,7 @@ LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection (expansion 1)."""
-
-    expansion = 1
+    """Two 3x3 convs with a residual connection."""
 
     def __init__(self, in_channels, out_channels, stride=1, downsample=None):
         super().__init__()
@@ -37,33 +36,28 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
 class ResNet(nn.Module):
     """The tutorial's ResNet; stem "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (3x3/1 conv)."""
 
-    def __init__(self, block, layers, num_classes=1000, stem="imagenet"):
+    def __init__(self, layers, num_classes=1000, stem="imagenet"):
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         self.in_channels = 64
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        else:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+        kernel, stride = (7, 2) if stem == "imagenet" else (3, 1)
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], stride=2)
+        self.layer4 = self._make_layer(512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
-
+        self.fc = nn.Linear(512, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -71,17 +65,15 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def _make_layer(self, block, out_channels, blocks, stride=1):
+    def _make_layer(self, out_channels, blocks, stride=1):
         """A stage of `blocks` blocks; the first one strides and carries the projection shortcut."""
         downsample = None
-        if stride != 1 or self.in_channels != out_channels * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.in_channels, out_channels * block.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels * block.expansion),
-            )
-        layers = [block(self.in_channels, out_channels, stride, downsample)]
-        self.in_channels = out_channels * block.expansion
-        layers += [block(self.in_channels, out_channels) for _ in range(1, blocks)]
+        if stride != 1 or self.in_channels != out_channels:
+            shortcut = nn.Conv2d(self.in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+            downsample = nn.Sequential(shortcut, nn.BatchNorm2d(out_channels))
+        layers = [BasicBlock(self.in_channels, out_channels, stride, downsample)]
+        self.in_channels = out_channels
+        layers += [BasicBlock(out_channels, out_channels) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -92,7 +84,7 @@ class ResNet(nn.Module):
 
 def resnet(name="resnet18", num_classes=10, stem="imagenet"):
     """The reference ResNet `name` ("resnet18" or "resnet34")."""
-    return ResNet(BasicBlock, LAYERS[name], num_classes=num_classes, stem=stem)
+    return ResNet(LAYERS[name], num_classes=num_classes, stem=stem)
 
 
 def resolve_device(device=None):
@@ -101,8 +93,7 @@ def resolve_device(device=None):
 
 
 def training_step(stem="cifar", batch_size=128, dtype="float32", device=None, model="resnet18"):
-    """(step, sync): one SGD step of the reference ResNet `model` on a fixed random CIFAR-10 batch, and a
-    function that waits for the device."""
+    """(step, sync): one SGD step of ResNet `model` on a fixed random CIFAR-10 batch; a wait for the device."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     device = resolve_device(device)
@@ -114,12 +105,8 @@ def training_step(stem="cifar", batch_size=128, dtype="float32", device=None, mo
     # Weight decay on conv and dense kernels only, as the JAX trainer.
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=0.1,
-        momentum=0.9,
-        nesterov=True,
-    )
+    groups = [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
     forward = torch.compile(net) if device.type == "cuda" else net
     images = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch_size,), device=device)
@@ -157,7 +144,6 @@ def train_images_per_sec(
 
 
 def main():
-    """Command line: measures one configuration and prints the result."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18", choices=sorted(LAYERS))
     parser.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"))
@@ -179,8 +165,7 @@ def main():
     result.update(settings, num_threads=torch.get_num_threads(), train_images_per_sec=round(rate, 1))
     if not args.json:
         print(
-            f"{args.model} ({args.stem} stem) {args.dtype} batch {args.batch_size} on {result['device']}: "
-            f"{rate:.1f} train images/s"
+            f"{args.model} ({args.stem} stem) {args.dtype} batch {args.batch_size} on {name}: {rate:.1f} train images/s"
         )
     print(json.dumps(result))
 
