@@ -23,15 +23,14 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UNTRACED = "untraced: XLA's Eigen and oneDNN convolutions (no trace event), gaps"
-KINDS = ("convolution forward", "convolution gradients (input and weight)", "dense layer",
-         "BatchNorm, activations, loss (elementwise and reductions)", "layout copies and transposes",
-         "optimizer update", "other", UNTRACED)  # fmt: skip
+ELEMENTWISE = "elementwise and reductions (BatchNorm, activations, loss, optimizer)"
+UNTRACED = "untraced (XLA: Eigen, oneDNN convolutions), gaps"
+KINDS = ("convolution forward", "convolution gradients (input and weight)", "dense layer", ELEMENTWISE,
+         "layout copies and transposes", "other", UNTRACED)  # fmt: skip
 TORCH_KINDS = (  # (kind, aten op names it holds); first match wins, everything else is "other".
     ("convolution forward", ("convolution", "mkldnn_convolution", "_convolution", "conv2d")),
     ("convolution gradients (input and weight)", ("convolution_backward",)),
     ("dense layer", ("addmm", "mm", "linear")),
-    ("optimizer update", ("_foreach_", "sgd", "_fused_sgd")),
     ("layout copies and transposes", ("copy_", "contiguous", "clone", "to", "_to_copy", "t", "transpose")),
 )
 
@@ -71,12 +70,10 @@ def hlo_kind(line: str, ops: set) -> str:
         return "convolution gradients (input and weight)" if "transpose(" in line else "convolution forward"
     if "dot" in ops or any("matmul" in op for op in ops):
         return "dense layer"
-    if re.search(r'op_name="[^"]*(optax|apply_gradients|sgd|add_decayed_weights)', line, re.I):
-        return "optimizer update"
     if ops & {"copy", "transpose"} and not ops & {"reduce", "multiply", "add", "subtract", "maximum"}:
         return "layout copies and transposes"
     if ops & {"reduce", "multiply", "add", "subtract", "maximum", "divide", "exponential", "select", "compare"}:
-        return "BatchNorm, activations, loss (elementwise and reductions)"
+        return ELEMENTWISE
     return "other"
 
 
@@ -117,7 +114,7 @@ def torch_kind(name: str) -> str:
     for kind, names in TORCH_KINDS:
         if op in names or any(n.endswith("_") and op.startswith(n) for n in names):
             return kind
-    return "BatchNorm, activations, loss (elementwise and reductions)" if name.startswith("aten::") else "other"
+    return ELEMENTWISE if name.startswith("aten::") else "other"
 
 
 def torch_side(args) -> dict:
@@ -174,9 +171,9 @@ def main():
             row += [round(ms, 1), round(100 * ms / side["step_ms"], 1)]
         rows.append(row)
     if not args.json:
-        print(f"{'kind of operation':58}" + "".join(f"{n + ' ms/step':>16}{'share %':>9}" for n in sides))
+        print(f"{'kind of operation':70}" + "".join(f"{n + ' ms/step':>16}{'share %':>9}" for n in sides))
         for row in rows:
-            print(f"{row[0]:58}" + "".join(f"{ms:16.1f}{share:9.1f}" for ms, share in zip(row[1::2], row[2::2])))
+            print(f"{row[0]:70}" + "".join(f"{ms:16.1f}{share:9.1f}" for ms, share in zip(row[1::2], row[2::2])))
     print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "side"}, "sides": sides, "rows": rows}))
 
 
