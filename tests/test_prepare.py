@@ -17,7 +17,8 @@ import pytest
 
 from configs import default
 from conftest import ROOT, cifar10_splits
-from resnet_jax.data import cifar_archive, registry, tfds_source, tfds_writer
+from resnet_jax import tfds_writer
+from resnet_jax.data import cifar_archive, registry, tfds_source
 from resnet_jax.errors import Error
 
 SIZES = {"train": 100, "test": 30}
