@@ -3,7 +3,7 @@ as uint8, all without TensorFlow.
 
 Only CIFAR-10 and CIFAR-100 are prepared here: from the official archive (data.archive, or
 downloaded and checksummed by tfds's download manager into DATA_DIR/downloads), written as
-tfds's own CIFAR builders write them (cifar_archive, tfds_format). Any other tfds data set must
+tfds's own CIFAR builders write them (tfds_format). Any other tfds data set must
 be prepared beforehand. Reading goes through `tfds.data_source` (array_record).
 """
 
@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from resnet_jax.data import cifar_archive, dataset, tfds_format
+from resnet_jax.data import dataset, tfds_format
 from resnet_jax.errors import Error, first_line
 
 _READ_CHUNK = 5000  # records decoded per call when reading an array_record split
@@ -48,7 +48,7 @@ def _missing_message(builder, why: str) -> str:
         f"data set {builder.name} {builder.version} is not prepared in {builder.data_dir} and {why}. "
         f"Fix: point --config.data.data_dir at a folder holding a prepared copy "
         f"({builder.name}/{builder.version}/), or set --config.data.archive to a copy of "
-        f"{cifar_archive.ARCHIVES[builder.name][0]}, or prepare it on a machine with network "
+        f"{tfds_format.ARCHIVES[builder.name][0]}, or prepare it on a machine with network "
         f"(the same command) and copy that folder here"
     )
 
@@ -73,7 +73,7 @@ def _prepare(builder, data_config) -> None:
     """Writes the data set into data_dir from its official archive: data.archive if set, else
     downloaded, failing fast (not hanging) without network. Written aside, then moved into
     place, so an interrupted preparation leaves no half data set."""
-    if builder.name not in cifar_archive.ARCHIVES:
+    if builder.name not in tfds_format.ARCHIVES:
         raise Error(
             f"data set {builder.name} {builder.version} is not prepared in {builder.data_dir}, and only CIFAR-10 "
             f"and CIFAR-100 are prepared here. Fix: prepare it with tfds (tfds build {builder.name} "
@@ -84,7 +84,7 @@ def _prepare(builder, data_config) -> None:
     if not archive:
         archive = _download(builder, data_config)
     try:
-        splits, label_names = cifar_archive.read(archive, builder.name)
+        splits, label_names = tfds_format.read_official_archive(archive, builder.name)
     except ValueError as e:
         raise Error(_missing_message(builder, f"cannot be prepared: {first_line(e)}")) from None
     root = _data_dir(builder)
@@ -107,7 +107,7 @@ def _download(builder, data_config) -> str:
 
     if not data_config.download:
         raise Error(_missing_message(builder, "data.download is False"))
-    url = cifar_archive.ARCHIVES[builder.name][0]
+    url = tfds_format.ARCHIVES[builder.name][0]
     # tfds retries for minutes when offline; a short connection probe finds out at once.
     unreachable = download_host_reachable(url)
     if unreachable:
