@@ -23,7 +23,7 @@ def write_splits(archive: str, folder: str) -> None:
     import torch
 
     from resnet_jax.data.tfds_format import CIFAR10_LABELS
-    from resnet_jax.data.tfds_writer import read_archive
+    from resnet_jax.tfds_writer import read_archive
 
     os.makedirs(folder, exist_ok=True)
     for split, arrays in read_archive(archive, {"train": 0, "test": 0}).items():

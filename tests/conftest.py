@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from resnet_jax.data import tfds_writer  # noqa: E402
+from resnet_jax import tfds_writer  # noqa: E402
 
 # CIFAR-10's real images (JPEG folders, .tar.xz): the tests' data sets are made of them where the
 # archive exists ($CIFAR10_ARCHIVE, by default a folder beside the repository), and of the writer's

@@ -17,8 +17,8 @@ from test_reliability import one_line_error
 
 from configs import default
 from conftest import CIFAR10_ARCHIVE, ROOT
-from resnet_jax import parallel
-from resnet_jax.data import pipeline, registry, tfds_source, tfds_writer
+from resnet_jax import parallel, tfds_writer
+from resnet_jax.data import pipeline, registry, tfds_source
 from resnet_jax.data.dataset import channel_stats, validation_indices
 from resnet_jax.errors import Error
 

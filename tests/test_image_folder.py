@@ -11,8 +11,8 @@ from PIL import Image
 
 from configs import smoke
 from conftest import CIFAR10_ARCHIVE, run_cli
-from resnet_jax import config_checks, summary
-from resnet_jax.data import folder, registry, tfds_writer
+from resnet_jax import config_checks, summary, tfds_writer
+from resnet_jax.data import folder, registry
 from resnet_jax.errors import Error
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from configs import default
 from conftest import ROOT, cifar10_splits
-from resnet_jax.data import cifar_archive, registry, tfds_source, tfds_writer
+from resnet_jax import tfds_writer
+from resnet_jax.data import registry, tfds_format, tfds_source
 from resnet_jax.errors import Error
 
 SIZES = {"train": 100, "test": 30}
@@ -26,7 +27,7 @@ SIZES = {"train": 100, "test": 30}
 def write_official_archive(path: str, name: str, splits: dict, label_names: dict):
     """Writes `splits` ({split: {"image", label features}}, in file order) as data set `name`'s
     official archive at `path` (a .tar.gz): an offline stand-in for the download."""
-    _, folder, files, label_files = cifar_archive.ARCHIVES[name]
+    _, folder, files, label_files = tfds_format.ARCHIVES[name]
 
     def add(tar, file, data):
         info = tarfile.TarInfo(f"{folder}/{file}")
@@ -66,15 +67,15 @@ def test_the_order_is_tfds_own_hashing():
     for split in ("train", "test"):
         hasher = hashing.Hasher(split)
         expected = sorted(range(500), key=hasher.hash_key)
-        np.testing.assert_array_equal(cifar_archive.tfds_order(split, 500), expected)
+        np.testing.assert_array_equal(tfds_format.tfds_order(split, 500), expected)
 
 
 def test_the_archive_reads_back_in_tfds_order(official):
     path, splits = official
-    read, label_names = cifar_archive.read(path, "cifar10")
+    read, label_names = tfds_format.read_official_archive(path, "cifar10")
     assert label_names == {"label": list(tfds_writer.CIFAR10_LABELS)}
     for split, arrays in splits.items():
-        order = cifar_archive.tfds_order(split, len(arrays["image"]))
+        order = tfds_format.tfds_order(split, len(arrays["image"]))
         np.testing.assert_array_equal(read[split]["image"], arrays["image"][order])
         np.testing.assert_array_equal(read[split]["label"], arrays["label"][order])
         assert read[split]["id"][:2] == [f"{split}_{i:05d}" for i in order[:2]]
@@ -110,7 +111,7 @@ def test_preparation_needs_no_tensorflow_and_reads_back_in_tfds_order(official, 
     assert json.loads(done.stdout.splitlines()[-1]) == {"train": 100, "test": 30, "tensorflow": False}
     assert sorted(os.listdir(tmp_path)) == ["cifar10"]  # nothing left aside
     dataset = registry.load_dataset(data_config(tmp_path, download=False))  # as prepared, now read
-    order = cifar_archive.tfds_order("train", 100)
+    order = tfds_format.tfds_order("train", 100)
     np.testing.assert_array_equal(dataset.train_images, splits["train"]["image"][order])
     np.testing.assert_array_equal(dataset.train_labels, splits["train"]["label"][order])
     assert dataset.class_names == tfds_writer.CIFAR10_LABELS

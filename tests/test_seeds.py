@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from resnet_jax import seeds
-from resnet_jax.data import tfds_writer
+from resnet_jax import seeds, tfds_writer
 from resnet_jax.errors import Error
 from resnet_jax.workdir import read_metrics
 

@@ -8,7 +8,8 @@ import pytest
 
 from configs import default
 from conftest import CIFAR10_ARCHIVE, ROOT
-from resnet_jax.data import registry, tfds_writer
+from resnet_jax import tfds_writer
+from resnet_jax.data import registry
 
 
 def load(data_dir, name):

@@ -38,25 +38,14 @@ class Dataset:
 
 
 def from_splits(name: str, class_names, train: Tuple[np.ndarray, np.ndarray], test: Tuple[np.ndarray, np.ndarray]):
-    """A Dataset of (images, labels) train and test splits, normalised by the train split's statistics."""
-    mean, std = channel_stats(train[0])
-    return Dataset(
-        name=name,
-        class_names=tuple(class_names),
-        train_images=train[0],
-        train_labels=train[1],
-        test_images=test[0],
-        test_labels=test[1],
-        mean=mean,
-        std=std,
-    )
+    """A Dataset of (images, labels) train and test splits, with the train split's statistics."""
+    return Dataset(name, tuple(class_names), *train, *test, *channel_stats(train[0]))
 
 
 def channel_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of uint8 images, in [0, 255]."""
     flat = images.reshape(-1, images.shape[-1])
-    total = np.zeros(flat.shape[-1])
-    total_sq = np.zeros(flat.shape[-1])
+    total, total_sq = np.zeros(flat.shape[-1]), np.zeros(flat.shape[-1])
     for start in range(0, len(flat), 1 << 22):  # Chunks keep the float copies small.
         chunk = flat[start : start + (1 << 22)].astype(np.float64)
         total += chunk.sum(0)
@@ -66,9 +55,8 @@ def channel_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def validation_indices(labels: np.ndarray, num_examples: int, num_classes: int) -> np.ndarray:
-    """The `num_examples` train indices held out for validation, sorted: class-balanced (the
-    first `num_examples % num_classes` classes get one more) and the same on every run and
-    device layout: each class's first ones in a permutation drawn from a fixed seed."""
+    """The `num_examples` train indices held out for validation, sorted: each class's first ones
+    in a fixed permutation (the first `num_examples % num_classes` classes give one more)."""
     order = np.random.default_rng(_VALIDATION_SEED).permutation(len(labels))
     chosen = []
     for c in range(num_classes):
@@ -84,21 +72,14 @@ def validation_indices(labels: np.ndarray, num_examples: int, num_classes: int) 
 
 
 def hold_out_validation(dataset: Dataset, num_examples: int) -> Dataset:
-    """`dataset` with `num_examples` of its train examples moved to a validation split (and the
-    normalisation statistics computed from what remains for training)."""
+    """`dataset` with `num_examples` train examples moved to validation, statistics from the rest."""
     if not num_examples:
         return dataset
     held = validation_indices(dataset.train_labels, num_examples, dataset.num_classes)
     keep = np.ones(len(dataset.train_labels), bool)
     keep[held] = False
-    train_images = dataset.train_images[keep]
-    mean, std = channel_stats(train_images)
+    rest = (dataset.train_images[keep], dataset.train_labels[keep])
+    kept = from_splits(dataset.name, dataset.class_names, rest, (dataset.test_images, dataset.test_labels))
     return dataclasses.replace(
-        dataset,
-        train_images=train_images,
-        train_labels=dataset.train_labels[keep],
-        validation_images=dataset.train_images[held],
-        validation_labels=dataset.train_labels[held],
-        mean=mean,
-        std=std,
+        kept, validation_images=dataset.train_images[held], validation_labels=dataset.train_labels[held]
     )

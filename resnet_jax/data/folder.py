@@ -1,18 +1,8 @@
-"""`data.name = "folder"`: your own images, in the tfds ImageFolder layout.
-
-    DIR/train/<class>/*.png|jpg|jpeg
-    DIR/test/<class>/*.png|jpg|jpeg
-
-Every image is decoded once by `images.load_image`, as `--mode predict` reads a file (EXIF
-orientation, transparency on white, the centred largest square, Lanczos to
-`data.image_size`), into the same in-memory uint8 arrays as a tfds split: everything
-after loading (batching, augmentation, normalisation, eval, predict, export) is unchanged.
-Class names are the folder names, sorted: label i is the i-th name. Images are decoded in
-one thread: more threads do not decode faster (docs/measurements.md).
-"""
+"""`data.name = "folder"`: your own images in tfds's ImageFolder layout, DIR/{train,test}/<class>/
+*.png|jpg|jpeg, each decoded once by `images.load_image` (docs/data.md)."""
 
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -47,7 +37,8 @@ def _decode(path: str, size: int) -> np.ndarray:
 
 
 def read_split(root: str, split: str, names, size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(uint8 images (N, size, size, 3), int32 labels) of `root/split`, in class then file order."""
+    """(uint8 images (N, size, size, 3), int32 labels) of `root/split`, in class then file order.
+    One thread: more do not decode faster (docs/data.md)."""
     paths, labels = [], []
     for label, name in enumerate(names):
         files = _image_files(os.path.join(root, split, name))
@@ -56,25 +47,23 @@ def read_split(root: str, split: str, names, size: int) -> Tuple[np.ndarray, np.
     return np.stack([_decode(p, size) for p in paths]), np.asarray(labels, np.int32)
 
 
-def class_names(root: str, splits: Sequence[str] = dataset.SPLITS) -> Tuple[str, ...]:
-    """The class folder names of `root`, sorted; the same in every split or an Error."""
+def class_names(root: str) -> Tuple[str, ...]:
+    """The class folder names of `root`, sorted (label i is the i-th); the same in both splits or an Error."""
     if not os.path.isdir(root):
         raise Error(f"--config.data.folder={root!r} is not a folder; it needs train/<class>/ and test/<class>/ images")
-    classes = {split: _class_folders(root, split) for split in splits}
-    train, test = splits
-    if classes[train] != classes[test]:
-        only_train = sorted(set(classes[train]) - set(classes[test]))
-        only_test = sorted(set(classes[test]) - set(classes[train]))
+    train, test = (_class_folders(root, split) for split in dataset.SPLITS)
+    if train != test:
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
         raise Error(
-            f"the class folders of {os.path.join(root, train)} and {os.path.join(root, test)} differ "
+            f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ "
             f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'}); "
             f"both splits need the same classes"
         )
-    return tuple(classes[train])
+    return tuple(train)
 
 
-def load(data_config, splits: Sequence[str] = dataset.SPLITS) -> dataset.Dataset:
-    """The `splits` (train, then test) of the folder `data_config.folder` as a Dataset."""
-    names = class_names(data_config.folder, splits)
-    train, test = (read_split(data_config.folder, split, names, data_config.image_size) for split in splits)
+def load(data_config) -> dataset.Dataset:
+    """The image folder `data_config.folder` as a Dataset."""
+    names = class_names(data_config.folder)
+    train, test = (read_split(data_config.folder, split, names, data_config.image_size) for split in dataset.SPLITS)
     return dataset.from_splits("folder", names, train, test)

@@ -1,11 +1,5 @@
-"""The data sets `data.name` can name, and what the rest of the package knows of each before
-loading it: its loader, its number of classes, its image shape and its split names.
-
-A new tfds data set is one entry here (prepared beforehand unless it is CIFAR-10 or CIFAR-100,
-which `tfds_source` prepares from their official archives); a new kind of source is also one
-module beside `tfds_source` and `folder`. Config checks, `--mode summary` and training all read
-this table.
-"""
+"""The data sets `data.name` can name and what is known of each before loading it; config
+checks, `--mode summary` and training read this table."""
 
 import dataclasses
 from typing import Callable, Tuple
@@ -15,14 +9,12 @@ from resnet_jax.data import dataset, folder, tfds_source
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    load: Callable  # (data_config, splits) -> dataset.Dataset, both splits in host memory
+    load: Callable  # data_config -> dataset.Dataset, its train and test splits in host memory
     num_classes: Callable  # data_config -> int, read without decoding any image
     image_shape: Callable  # data_config -> (height, width, channels) of the loaded images
-    splits: Tuple[str, str] = dataset.SPLITS  # the split trained on, then the one evaluated
 
 
 def _tfds(num_classes: int, image_shape: Tuple[int, int, int]) -> Source:
-    """A tfds data set, whose number of classes and image shape are fixed."""
     return Source(load=tfds_source.load, num_classes=lambda _: num_classes, image_shape=lambda _: image_shape)
 
 
@@ -38,8 +30,5 @@ DATASETS = {
 
 
 def load_dataset(data_config) -> dataset.Dataset:
-    """Loads `data_config.name` (a tfds data set, prepared first if needed and allowed, or the
-    image folder `data_config.folder`), then holds out `data_config.validation_examples` of the
-    train split for validation."""
-    source = DATASETS[data_config.name]
-    return dataset.hold_out_validation(source.load(data_config, source.splits), data_config.validation_examples)
+    """`data_config.name` loaded, `data_config.validation_examples` of its train split held out for validation."""
+    return dataset.hold_out_validation(DATASETS[data_config.name].load(data_config), data_config.validation_examples)

@@ -1,11 +1,5 @@
-"""tfds data sets: opened, prepared on first use when allowed, and read whole into host memory
-as uint8, all without TensorFlow.
-
-Only CIFAR-10 and CIFAR-100 are prepared here: from the official archive (data.archive, or
-downloaded and checksummed by tfds's download manager into DATA_DIR/downloads), written as
-tfds's own CIFAR builders write them (cifar_archive, tfds_format). Any other tfds data set must
-be prepared beforehand. Reading goes through `tfds.data_source` (array_record).
-"""
+"""tfds data sets read whole into host memory as uint8 without TensorFlow (`tfds.data_source`);
+CIFAR-10 and CIFAR-100 prepared on first use from their official archive (docs/data.md)."""
 
 import importlib.util
 import os
@@ -13,24 +7,23 @@ import shutil
 import socket
 import tempfile
 import urllib.parse
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
-from resnet_jax.data import cifar_archive, dataset, tfds_format
+from resnet_jax.data import dataset, tfds_format
 from resnet_jax.errors import Error, first_line
 
 _READ_CHUNK = 5000  # records decoded per call when reading an array_record split
 
 
-def load(data_config, splits: Sequence[str] = dataset.SPLITS) -> dataset.Dataset:
-    """The tfds data set `data_config.name` in `data_config.data_dir`, preparing it first if
-    needed (and allowed): its `splits` (train, then test) as a Dataset."""
+def load(data_config) -> dataset.Dataset:
+    """The tfds data set `data_config.name` in `data_config.data_dir`, prepared first if needed and allowed."""
     builder = _builder(data_config)
     if not builder.is_prepared():
         _prepare(builder, data_config)
         builder = _builder(data_config)  # re-read: the builder of an unprepared data set has no splits
-    train, test = (_read_split(builder, split) for split in splits)
+    train, test = (_read_split(builder, split) for split in dataset.SPLITS)
     return dataset.from_splits(data_config.name, builder.info.features["label"].names, train, test)
 
 
@@ -48,13 +41,13 @@ def _missing_message(builder, why: str) -> str:
         f"data set {builder.name} {builder.version} is not prepared in {builder.data_dir} and {why}. "
         f"Fix: point --config.data.data_dir at a folder holding a prepared copy "
         f"({builder.name}/{builder.version}/), or set --config.data.archive to a copy of "
-        f"{cifar_archive.ARCHIVES[builder.name][0]}, or prepare it on a machine with network "
+        f"{tfds_format.ARCHIVES[builder.name][0]}, or prepare it on a machine with network "
         f"(the same command) and copy that folder here"
     )
 
 
 def download_host_reachable(url: str, timeout: float = 5.0) -> Optional[str]:
-    """Returns None if the host of `url` accepts a TCP connection, else why it does not."""
+    """None if the host of `url` accepts a TCP connection, else why not."""
     parts = urllib.parse.urlparse(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
@@ -70,21 +63,18 @@ def _data_dir(builder) -> str:
 
 
 def _prepare(builder, data_config) -> None:
-    """Writes the data set into data_dir from its official archive: data.archive if set, else
-    downloaded, failing fast (not hanging) without network. Written aside, then moved into
-    place, so an interrupted preparation leaves no half data set."""
-    if builder.name not in cifar_archive.ARCHIVES:
+    """Writes the data set from its official archive (data.archive, else downloaded), aside and
+    then moved into place, so an interrupted preparation leaves no half data set."""
+    if builder.name not in tfds_format.ARCHIVES:
         raise Error(
             f"data set {builder.name} {builder.version} is not prepared in {builder.data_dir}, and only CIFAR-10 "
             f"and CIFAR-100 are prepared here. Fix: prepare it with tfds (tfds build {builder.name} "
             f"--data_dir {_data_dir(builder)} --file_format array_record), or point --config.data.data_dir at "
             f"a folder holding a prepared copy"
         )
-    archive = data_config.archive
-    if not archive:
-        archive = _download(builder, data_config)
+    archive = data_config.archive or _download(builder, data_config)
     try:
-        splits, label_names = cifar_archive.read(archive, builder.name)
+        splits, label_names = tfds_format.read_official_archive(archive, builder.name)
     except ValueError as e:
         raise Error(_missing_message(builder, f"cannot be prepared: {first_line(e)}")) from None
     root = _data_dir(builder)
@@ -102,12 +92,12 @@ def _prepare(builder, data_config) -> None:
 
 
 def _download(builder, data_config) -> str:
-    """The official archive, downloaded and checksummed by tfds (against the checksums it ships)."""
+    """The official archive, downloaded and checked against the checksums tfds ships."""
     import tensorflow_datasets as tfds
 
     if not data_config.download:
         raise Error(_missing_message(builder, "data.download is False"))
-    url = cifar_archive.ARCHIVES[builder.name][0]
+    url = tfds_format.ARCHIVES[builder.name][0]
     # tfds retries for minutes when offline; a short connection probe finds out at once.
     unreachable = download_host_reachable(url)
     if unreachable:
@@ -120,10 +110,9 @@ def _download(builder, data_config) -> str:
 
 
 def _read_split(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Reads a whole split as (uint8 images, int32 labels), checking its length."""
+    """A whole split as (uint8 images, int32 labels), its length checked."""
     import tensorflow_datasets as tfds
 
-    where = f"{builder.data_path}"
     try:
         expected = builder.info.splits[split].num_examples
         if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
@@ -138,7 +127,7 @@ def _read_split(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
         else:  # The older tfrecord format (an existing ~/tensorflow_datasets, gs://): needs TF.
             if importlib.util.find_spec("tensorflow") is None:
                 raise Error(
-                    f"{where} holds {builder.name} in the tfrecord format, which only TensorFlow reads: "
+                    f"{builder.data_path} holds {builder.name} in the tfrecord format, which only TensorFlow reads: "
                     f"pip install tensorflow-cpu, or point --config.data.data_dir at an empty folder to prepare "
                     f"an array_record copy there"
                 )
@@ -148,12 +137,12 @@ def _read_split(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as e:
         raise Error(
-            f"cannot read the {split} split of {builder.name} in {where}: {first_line(e)}. "
+            f"cannot read the {split} split of {builder.name} in {builder.data_path}: {first_line(e)}. "
             f"The files are unreadable, truncated or corrupt: fix the permissions or prepare the data set again"
         ) from None
     if len(images) != expected:
         raise Error(
-            f"the {split} split in {where} holds {len(images)} examples, its metadata says {expected}: "
+            f"the {split} split in {builder.data_path} holds {len(images)} examples, its metadata says {expected}: "
             f"the files are truncated or corrupt; prepare the data set again"
         )
     return images.astype(np.uint8), labels.astype(np.int32)
