@@ -1,8 +1,7 @@
-"""`--mode export`: a trained checkpoint as StableHLO and a TensorFlow SavedModel in WORKDIR/export/,
-with model.json: uint8 NHWC images in, float32 logits out (computed in float32 whatever the model
-trained in), each reloaded and checked against the Flax model (docs/export.md). Only this module
-imports TensorFlow, and only for the SavedModel.
-"""
+"""`--mode export`: a trained checkpoint as StableHLO and a TensorFlow SavedModel in WORKDIR/export/, with
+model.json: uint8 NHWC images in, float32 logits out, computed in float32 whatever the model trained in
+(XLA:CPU runs float32 convolutions best); each is reloaded and checked against the Flax model
+(docs/export.md). Only this module imports TensorFlow, and only for the SavedModel."""
 
 import importlib.util
 import json
