@@ -1,7 +1,6 @@
-"""Joining a multi-process run, through the multi-host flags or through the cluster jax detects
-(SLURM, Open MPI, Kubernetes Indexed Jobs, Cloud TPU pods: docs/clusters.md); a one-process job
-stays a one-process run. `lost_process` turns a computation that failed across processes into one line.
-"""
+"""Joining a multi-process run, through the multi-host flags or the cluster jax detects (SLURM, Open MPI,
+Kubernetes Indexed Jobs, Cloud TPU pods: docs/clusters.md); a one-process job stays a one-process run.
+`lost_process` turns a computation that failed across processes into one line."""
 
 import logging
 import os

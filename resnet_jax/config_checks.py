@@ -69,16 +69,7 @@ def validate(config, device_count: int = None) -> None:
                 f"--config.{name}={config[name]} is not divisible by the {device_count} devices in use; "
                 f"choose a multiple of {device_count}"
             )
-    for rule in config.param_rules:
-        if not _is_param_rule(rule):
-            raise Error(
-                f"--config.param_rules: {rule!r} is not (name regex, lr multiplier >= 0, weight-decay multiplier"
-                f' >= 0, epochs it trains: -1 all, 0 none), e.g. (("whiten/kernel", 1, 1, 0), (".*", 1, 0, -1))'
-            )
-    if config.lookahead_every < 0:
-        raise Error(f"--config.lookahead_every must be >= 1 (0: off), got {config.lookahead_every}")
-    if config.model.num_filters is not None and config.model.name in models.FIXED_WIDTH_MODELS:
-        raise Error(f"--config.model.num_filters does not apply to {config.model.name}: its widths are fixed")
+    _validate_optimizer_options(config)
     if not 0 <= config.momentum < 1:
         raise Error(f"--config.momentum must be in [0, 1), got {config.momentum}")
     if not 0 <= config.label_smoothing < 1:
@@ -106,6 +97,20 @@ def validate(config, device_count: int = None) -> None:
         if name == "onnx":
             raise Error(ONNX_REFUSED)
         _choice("export_formats", name, EXPORT_FORMATS)
+
+
+def _validate_optimizer_options(config) -> None:
+    """The per-parameter rules, lookahead, and the widths of the fixed-width models."""
+    for rule in config.param_rules:
+        if not _is_param_rule(rule):
+            raise Error(
+                f"--config.param_rules: {rule!r} is not (name regex, lr multiplier >= 0, weight-decay multiplier"
+                f' >= 0, epochs it trains: -1 all, 0 none), e.g. (("whiten/kernel", 1, 1, 0), (".*", 1, 0, -1))'
+            )
+    if config.lookahead_every < 0:
+        raise Error(f"--config.lookahead_every must be >= 1 (0: off), got {config.lookahead_every}")
+    if config.model.num_filters is not None and config.model.name in models.FIXED_WIDTH_MODELS:
+        raise Error(f"--config.model.num_filters does not apply to {config.model.name}: its widths are fixed")
 
 
 def _is_param_rule(rule) -> bool:

@@ -1,8 +1,7 @@
 """The model zoo in Flax linen, NHWC images to float32 logits (README.md): He et al.'s ImageNet (v1.5) and
 CIFAR ResNets in one `ResNet` module, whose shortcuts have their own layers (the tutorial's reuse
 `conv1`), David Page's ResNet-9 and Keller Jordan's airbench networks. BatchNorm's running statistics
-live in `batch_stats`, updated only when `train=True` and the collection is mutable.
-"""
+live in `batch_stats`, updated only when `train=True` and the collection is mutable."""
 
 import functools
 from typing import Any, Callable, Optional, Sequence, Tuple

@@ -1,7 +1,6 @@
 """The device layouts that spread the per-device steps (collectives over AXIS) over the devices: `Pmap`
 and `Sharded` train the same, and a checkpoint of either resumes under either (docs/training.md).
-Every method takes `devices` (default: what the layout spans) so that tests can compare 1 device with 8.
-"""
+Every method takes `devices` (default: what the layout spans) so that tests can compare 1 device with 8."""
 
 import collections
 import functools
@@ -84,8 +83,8 @@ def _cached_mesh(devices: tuple) -> Mesh:
 
 
 class Sharded:
-    """One `jax.jit` of `jax.shard_map` over a mesh of every device of every process (or
-    `devices`): the state a replicated global array, each batch a global array split on AXIS."""
+    """One `jax.jit` of `jax.shard_map` over a mesh of every device of every process (or `devices`): the
+    state a replicated global array, each batch a global array split on AXIS."""
 
     name = "sharded"
     process_slice = staticmethod(process_slice)  # jax.devices() lists each process's devices together, in order

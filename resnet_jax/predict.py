@@ -1,8 +1,7 @@
 """`--mode predict`: the top-3 classes of image files, from a trained checkpoint. Each file becomes the
 image the network trained on (`data.images.load_image`) and goes through eval's preprocessing, so a
-CIFAR image saved as PNG is classified as `--mode eval` classifies it; a file that cannot be used
-gets a one-line error and the others are still answered.
-"""
+CIFAR image saved as PNG is classified as `--mode eval` classifies it; a file that cannot be used gets
+a one-line error and the others are still answered."""
 
 import functools
 import json

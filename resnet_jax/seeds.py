@@ -1,7 +1,6 @@
 """`--seeds`: one config trained or evaluated in WORKDIR/seed_<seed> per seed, and the mean ± standard
-deviation of the final validation and test accuracy in WORKDIR/seeds.json and .md (for --mode eval,
-seeds_eval_<tta>.json and .md, so that evaluations with different test-time augmentation sit side by side).
-"""
+deviation of the final validation and test accuracy in WORKDIR/seeds.json and .md (--mode eval:
+seeds_eval_<tta>.json and .md, so that evaluations with different test-time augmentation sit side by side)."""
 
 import json
 import os

@@ -1,7 +1,6 @@
 """`--mode summary`: Flax's `nn.tabulate` of the configured model, one row per top-level layer with its
 output shape, forward FLOPs on one image (XLA's estimate) and variables, then the totals. It needs
-only the config: no data set (of an image folder, only its class names), no checkpoint.
-"""
+only the config: no data set (of an image folder, only its class names), no checkpoint."""
 
 import functools
 
