@@ -1,13 +1,6 @@
-"""Joining a multi-process run: through the multi-host flags, or through the cluster the job runs on.
-
-jax recognises SLURM (srun), Open MPI (mpirun), Kubernetes Indexed Jobs and Cloud TPU pods
-from their environment (its `ClusterEnv` classes, tried in its own order) and then finds the
-coordinator, the process count and this process's index itself. `join` asks the same classes
-whether one of them applies, and keeps a one-process job a one-process run: joining there
-would start a coordinator for nothing and, on SLURM and Open MPI, show the process a single GPU.
-`lost_process` turns a computation that failed across the processes, most often because one of
-them is gone, into one line.
-"""
+"""Joining a multi-process run, through the multi-host flags or the cluster jax detects (SLURM, Open MPI,
+Kubernetes Indexed Jobs, Cloud TPU pods: docs/clusters.md); a one-process job stays a one-process run.
+`lost_process` turns a computation that failed across processes into one line."""
 
 import logging
 import os
@@ -27,17 +20,16 @@ NAMES = {
 
 def jax_internals():
     """jax's cluster environments, in the order jax.distributed.initialize() tries them, and its
-    distributed state (the coordinator joined): no public API exposes them, so this is the one
-    place the project reads jax's private modules (tests/test_cluster.py names a release that
-    moves them)."""
+    distributed state: no public API exposes them, so this is the project's one read of jax's
+    private modules (tests/test_cluster.py names a release that moves them)."""
     from jax._src import clusters, distributed
 
     return clusters.ClusterEnv._cluster_types, distributed.global_state
 
 
 def detect() -> Optional[str]:
-    """The name of the cluster environment that jax.distributed.initialize() would join through,
-    or None: none is present, or its job runs one process."""
+    """The cluster jax.distributed.initialize() would join through, or None: none, or a one-process job
+    (joining would start a coordinator for nothing and, on SLURM and Open MPI, hide all GPUs but one)."""
     cluster_types, _ = jax_internals()
     for env in cluster_types:
         if env.opt_in_only_method:  # mpi4py: only when asked for by name
@@ -53,9 +45,8 @@ def detect() -> Optional[str]:
 def join(
     coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int], heartbeat_timeout: int
 ) -> Optional[str]:
-    """Joins the multi-process run this process belongs to, if any, before anything starts jax's
-    backend: the explicit flags win, else the cluster `detect` finds. Returns how it joined
-    ("multi-host flags", "SLURM", ...), or None for a one-process run."""
+    """Joins this process's multi-process run, if any, before anything starts jax's backend: the flags win,
+    else the cluster `detect` finds. Returns how it joined ("multi-host flags", "SLURM", ...) or None."""
     import jax
 
     if coordinator_address:
@@ -79,18 +70,14 @@ def log_joined(how: Optional[str]) -> None:
 
     _, distributed_state = jax_internals()
     logging.info(
-        "cluster: %s, process %d of %d, coordinator %s",
-        how,
-        jax.process_index(),
-        jax.process_count(),
-        distributed_state.coordinator_address,
+        f"cluster: {how}, process {jax.process_index()} of {jax.process_count()}, "
+        f"coordinator {distributed_state.coordinator_address}"
     )
 
 
 def lost_process(e: BaseException) -> Optional[RunFailure]:
-    """A failed computation of a multi-process run as one line: most often a collective whose peer
-    is gone. (A peer lost while the others wait in a collective that cannot fail, NCCL's, ends
-    them instead after --heartbeat_timeout seconds, through jax's coordination service.)"""
+    """A failed computation of a multi-process run as one line: most often a collective whose peer is
+    gone (a collective that cannot fail, NCCL's, ends after --heartbeat_timeout seconds instead)."""
     import jax
 
     if not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:

@@ -1,8 +1,5 @@
-"""Converts torchvision-style PyTorch ResNet state_dicts into this package's Flax variables
-(the parity test, and fine-tuning with `init_from`).
-
-Works on plain arrays: values may be torch tensors or numpy arrays, and torch is never imported.
-"""
+"""torchvision-style PyTorch ResNet state_dicts as this package's Flax variables (`init_from`, the
+parity test). Values may be torch tensors or numpy arrays; torch is never imported."""
 
 import numpy as np
 
@@ -25,11 +22,6 @@ class Mismatch(ValueError):
     def __init__(self, message, missing, unmapped):
         super().__init__(message)
         self.missing, self.unmapped = missing, unmapped
-
-
-def block_name(block_cls) -> str:
-    """The BLOCK_LAYERS key of a models block class: "basic" or "bottleneck"."""
-    return "bottleneck" if block_cls.expansion == 4 else "basic"
 
 
 def to_numpy(value):

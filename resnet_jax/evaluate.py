@@ -9,11 +9,12 @@ import jax
 from resnet_jax import checkpoints, loop, plots, train, workdir as workdir_lib
 from resnet_jax.data import registry
 
+FIGURES = ("num_examples", "loss", "accuracy")  # of each split in the report
+
 
 def restore(config, workdir: str, dataset=None):
-    """(dataset, setup, state): the checkpoint `config.eval_checkpoint_step` names in `workdir`,
-    on the host, with the data set and model it was trained with. What eval, predict and
-    export start from."""
+    """(dataset, setup, state): the checkpoint `config.eval_checkpoint_step` names in `workdir`, on the
+    host, with the data set and model it was trained with; what eval, predict and export start from."""
     workdir_lib.check_config(workdir, config)
     dataset = dataset or registry.load_dataset(config.data)
     setup = train.Setup(config, dataset)
@@ -24,10 +25,9 @@ def restore(config, workdir: str, dataset=None):
 
 
 def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
-    """Evaluates the checkpoint `config.eval_checkpoint_step` names on the test split (and the
-    validation split, when the run holds one out), with test-time augmentation
-    `config.eval_tta`; writes eval_<step>.json and confusion_<step>.png to `workdir` and
-    returns the report: the test figures at its top level, the validation ones under "validation"."""
+    """Evaluates the checkpoint on the test split (and the validation split, when the run holds one out);
+    writes eval_<step>.json and confusion_<step>.png to `workdir` and returns the report: the test
+    figures at its top level, the validation ones under "validation"."""
     dataset, setup, state = restore(config, workdir, dataset)
     step = int(state.step)
     p_eval_step, replicated = setup.parallel_eval_step(), setup.layout.replicate(state)
@@ -41,9 +41,7 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
     report = {
         "step": step,
         "split": "test",
-        "num_examples": result["num_examples"],
-        "loss": result["loss"],
-        "accuracy": result["accuracy"],
+        **{k: result[k] for k in FIGURES},
         "tta": config.eval_tta,
         "ema": state.ema is not None,
         "per_class_accuracy": {name: float(a) for name, a in zip(dataset.class_names, per_class)},
@@ -51,7 +49,7 @@ def evaluate_checkpoint(config, workdir: str, dataset=None) -> dict:
         "confusion_matrix": confusion.tolist(),
     }
     if "validation" in results:
-        report["validation"] = {k: results["validation"][k] for k in ("num_examples", "loss", "accuracy")}
+        report["validation"] = {k: results["validation"][k] for k in FIGURES}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
             json.dump(report, f, indent=2)
@@ -69,9 +67,7 @@ def print_report(report: dict, workdir: str) -> None:
     for split, result in (("validation", report.get("validation")), ("test", report)):
         if result:
             print(
-                f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f},"
-                f" loss {result['loss']:.4f} "
-                f"on {result['num_examples']} examples"
-                f" (tta {report['tta']}{', weight average' if report['ema'] else ''})"
+                f"eval: step {report['step']}: {split} accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} on "
+                f"{result['num_examples']} examples (tta {report['tta']}{', weight average' if report['ema'] else ''})"
             )
     print(f"eval: wrote {workdir}/eval_{report['step']}.json")

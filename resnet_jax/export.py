@@ -1,17 +1,7 @@
-"""`--mode export`: a trained checkpoint as files that other runtimes load.
-
-    WORKDIR/export/model.stablehlo   jax.export, serialised: jax.export.deserialize(data).call(images)
-    WORKDIR/export/saved_model/      jax2tf: tf.saved_model.load(path).signatures["serving_default"](images=images)
-    WORKDIR/export/model.json        class names, input format, normalisation, checkpoint step and accuracy
-
-Each export maps uint8 RGB NHWC images, any batch size, to float32 logits: eval's
-preprocessing, then the model with `train=False` and the checkpoint's variables baked in. It
-computes in float32 whatever `model.dtype` trained (XLA:CPU runs float32 convolutions best).
-Each is reloaded through its own runtime and checked against the Flax model on the first
-`PARITY_EXAMPLES` test images: logits within PARITY_ATOL, the same top-1.
-
-Only this module imports TensorFlow, and only for the SavedModel.
-"""
+"""`--mode export`: a trained checkpoint as StableHLO and a TensorFlow SavedModel in WORKDIR/export/, with
+model.json: uint8 NHWC images in, float32 logits out, computed in float32 whatever the model trained in
+(XLA:CPU runs float32 convolutions best); each is reloaded and checked against the Flax model
+(docs/export.md). Only this module imports TensorFlow, and only for the SavedModel."""
 
 import importlib.util
 import json
@@ -33,7 +23,6 @@ PARITY_EXAMPLES = 256  # the first test images each export must match the Flax m
 # the module is the same for all four, so this costs little (docs/measurements.md).
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FILES = {"stablehlo": "model.stablehlo", "savedmodel": "saved_model"}
-PACKAGES = {"stablehlo": (), "savedmodel": ("tensorflow",)}
 SAVEDMODEL_CHUNK = 32  # the SavedModel's fixed batch where TensorFlow cannot read a symbolic one
 
 
@@ -46,17 +35,12 @@ def serving_function(model, variables, mean, std):
     return serve
 
 
-# ------------------------------------------------------------------ one function per format
-
-
 def export_stablehlo(serve, image_shape, path):
     """Serialises `serve` with jax.export for a symbolic batch; returns a callable reloaded from the file."""
     from jax import export as jax_export
 
-    batch = jax_export.symbolic_shape("batch")
-    exported = jax_export.export(jax.jit(serve), platforms=PLATFORMS)(
-        jax.ShapeDtypeStruct(batch + image_shape, jnp.uint8)
-    )
+    images = jax.ShapeDtypeStruct(jax_export.symbolic_shape("batch") + image_shape, jnp.uint8)
+    exported = jax_export.export(jax.jit(serve), platforms=PLATFORMS)(images)
     with open(path, "wb") as f:
         f.write(exported.serialize())
     with open(path, "rb") as f:
@@ -66,13 +50,8 @@ def export_stablehlo(serve, image_shape, path):
 
 def export_savedmodel(serve, image_shape, path):
     """Converts `serve` with jax2tf into a SavedModel for any batch size; returns its reloaded signature.
-
-    The SavedModel takes a symbolic batch where TensorFlow's XlaCallModule reads the module jax
-    writes. Where it cannot (jax writes the batch's shape assertion as `vhlo.custom_call_v2`,
-    which TensorFlow's StableHLO may lack), the SavedModel runs fixed batches of SAVEDMODEL_CHUNK
-    images, padding and splitting any batch itself, at the cost of up to SAVEDMODEL_CHUNK - 1
-    padding images per call. Drop the fallback when every supported TensorFlow reads that op.
-    """
+    Where TensorFlow cannot read jax's symbolic-batch module, the SavedModel runs fixed chunks of
+    SAVEDMODEL_CHUNK images (docs/export.md); drop that fallback once every supported TensorFlow can."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -84,10 +63,8 @@ def export_savedmodel(serve, image_shape, path):
         if "Cannot deserialize computation" not in str(e):
             raise
     logging.info(
-        "TensorFlow %s cannot run jax %s's symbolic-batch module; the SavedModel runs batches of %d, padding the last",
-        tf.__version__,
-        jax.__version__,
-        SAVEDMODEL_CHUNK,
+        f"TensorFlow {tf.__version__} cannot run jax {jax.__version__}'s symbolic-batch module; "
+        f"the SavedModel runs batches of {SAVEDMODEL_CHUNK}, padding the last"
     )
     return _savedmodel(serve, image_shape, path, chunk=SAVEDMODEL_CHUNK)
 
@@ -126,18 +103,13 @@ def _savedmodel(serve, image_shape, path, chunk):
 EXPORTERS = {"stablehlo": export_stablehlo, "savedmodel": export_savedmodel}
 
 
-# -------------------------------------------------------------------------------- the mode
-
-
 def check_packages(formats) -> None:
-    """An Error, before any work, when a format's optional packages are not installed."""
-    for name in formats:
-        missing = [p for p in PACKAGES[name] if importlib.util.find_spec(p) is None]
-        if missing:
-            raise Error(
-                f"exporting {name} needs {' and '.join(missing)}: pip install -e '.[export]' "
-                f"(or leave {name} out of --config.export_formats)"
-            )
+    """An Error, before any work, when the SavedModel's TensorFlow is not installed."""
+    if "savedmodel" in formats and importlib.util.find_spec("tensorflow") is None:
+        raise Error(
+            "exporting savedmodel needs tensorflow: pip install -e '.[export]' "
+            "(or leave savedmodel out of --config.export_formats)"
+        )
 
 
 def parity(name, exported, reference, path) -> dict:
@@ -156,16 +128,14 @@ def parity(name, exported, reference, path) -> dict:
 
 
 def export_checkpoint(config, workdir: str, dataset=None) -> dict:
-    """Writes the formats `config.export_formats` names to WORKDIR/export/, each checked
-    against the Flax model, and model.json beside them; returns model.json's contents
-    (None on the other processes of a multi-host run)."""
+    """Writes the formats `config.export_formats` names, each checked against the Flax model, and model.json
+    to WORKDIR/export/; returns model.json's contents (None on the other processes of a multi-host run)."""
     formats = config_checks.export_formats(config)
     check_packages(formats)
     dataset, setup, state = evaluate.restore(config, workdir, dataset)
     step = int(state.step)
     # The exported function is one plain forward pass: its accuracy is evaluated without test-time augmentation.
-    p_eval_step = setup.parallel_eval_step(tta="none")
-    replicated = setup.layout.replicate(state)
+    p_eval_step, replicated = setup.parallel_eval_step(tta="none"), setup.layout.replicate(state)
     result = loop.evaluate_split(setup, p_eval_step, replicated, dataset.test_images, dataset.test_labels)
     if jax.process_index() != 0:  # Every process evaluates; one writes.
         return None
@@ -227,15 +197,13 @@ def export_checkpoint(config, workdir: str, dataset=None) -> dict:
 
 
 def print_report(report: dict, workdir: str) -> None:
-    """`--mode export`'s lines: each export and its parity, then the checkpoint and model.json
-    (nothing on the other processes of a multi-host run, whose `report` is None)."""
+    """`--mode export`'s lines: each export and its parity, then the checkpoint and model.json."""
     if not report:
         return
     for name, result in report["exports"].items():
         print(
             f"export: {name}: {os.path.join(workdir, 'export', result['path'])} (max |logit difference| "
-            f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']}"
-            f" test images, same top-1)"
+            f"{result['max_abs_logit_difference']:.2g} on {report['parity']['test_images']} test images, same top-1)"
         )
     checkpoint = report["checkpoint"]
     print(

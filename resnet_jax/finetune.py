@@ -1,19 +1,6 @@
-"""`init_from`: the first state of a fine-tuning run, from another run or PyTorch weights.
-
-    init_from = WORKDIR               that run's checkpoint `init_from_step` ("latest", "best", N)
-    init_from = weights.safetensors   a torchvision-style ResNet state_dict, read with safetensors
-    init_from = weights.pt / .pth     the same, read with torch.load(weights_only=True)
-
-Loading weights never unpickles arbitrary objects: safetensors holds only arrays, and
-`weights_only=True` refuses anything but tensors and plain containers. A PyTorch
-state_dict is mapped to our names by `convert.torch_to_flax`.
-
-Params and BatchNorm statistics are taken wherever the shapes match. The head is
-re-initialised when the number of classes differs; any other difference is a different
-architecture, reported as one line naming the first parameter that does not fit. The
-optimizer, the step and the train metrics start fresh. Only a run's first start imports
-the weights: a resumed run continues from its own checkpoints.
-"""
+"""`init_from`: a fine-tuning run's first state, from another run's checkpoint or a torchvision-style
+ResNet state_dict, never unpickling an object; the head starts afresh for another number of classes
+(docs/training.md#fine-tuning)."""
 
 import logging
 import os
@@ -74,8 +61,9 @@ def read_source(config, model) -> Tuple[str, dict]:
             f"{config.model.name}; give a {config.model.name} run's workdir instead"
         )
     state_dict = read_state_dict(source)
+    block = "bottleneck" if model.block_cls.expansion == 4 else "basic"
     try:
-        variables = convert.torch_to_flax(state_dict, model.stage_sizes, convert.block_name(model.block_cls))
+        variables = convert.torch_to_flax(state_dict, model.stage_sizes, block)
     except convert.Mismatch as e:
         first = f"{e.missing[0]} is missing there" if e.missing else f"{e.unmapped[0]} there has no place here"
         raise Error(_mismatch(config, source, first)) from None
@@ -121,10 +109,7 @@ def imported_state(config, setup):
     variables, new_head = merge(
         config, config.init_from, {"params": state.params, "batch_stats": state.batch_stats}, loaded
     )
-    logging.info(
-        "fine-tuning from %s: loaded %d tensors%s",
-        description,
-        len(traverse_util.flatten_dict(variables)) - (len(variables["params"]["head"]) if new_head else 0),
-        f"; the head is new ({setup.dataset.num_classes} classes)" if new_head else "",
-    )
+    count = len(traverse_util.flatten_dict(variables)) - (len(variables["params"]["head"]) if new_head else 0)
+    head = f"; the head is new ({setup.dataset.num_classes} classes)" if new_head else ""
+    logging.info("fine-tuning from %s: loaded %d tensors%s", description, count, head)
     return setup.with_weights(state, variables)

@@ -1,31 +1,7 @@
-"""ResNet model zoo in Flax linen (NHWC).
-
-Two families share one `ResNet` module, and two more networks have their own:
-
-* `resnet18/34/50/101/152`: He et al.'s ImageNet ResNets (v1.5: the stride sits on
-  the 3x3 conv of a bottleneck), with an ``"imagenet"`` stem (7x7/2 conv + 3x3/2
-  max-pool, as torchvision and the tutorial) or a ``"cifar"`` stem (3x3/1 conv,
-  no pool). Shortcuts that change shape are a strided 1x1 conv + BatchNorm.
-* `resnet20/32/44/56/110`: He et al. 2016's CIFAR networks (16/32/64 filters,
-  parameter-free "option A" shortcuts: stride-2 subsampling and zero-padded
-  channels).
-* `resnet9`: David Page's DAWNBench network ("How to train your ResNet", 2018): three
-  conv-BN-ReLU-max-pool layers of 128/256/512 filters after a 64-filter prep conv, a residual
-  of two conv-BN-ReLU after the first and the third, a global max-pool and a 0.125-scaled head.
-* `airbench93`, `airbench94`: Keller Jordan's airbench networks (arXiv 2404.00498): a frozen
-  2x2 "whitening" conv computed from the training images (`whitening_kernel`), three groups of
-  conv-pool-BN-GELU-conv-BN-GELU and a 1/9-scaled head.
-
-The tutorial's residual block is broken (it reads ``self.in_channels`` and
-``self.out_channels``, which it never sets, and builds its shortcut by reusing
-``conv1``, whose shape does not fit); here the shortcut has its own layers.
-
-BatchNorm state is explicit: running statistics live in the ``batch_stats``
-collection, updated only when ``train=True`` and the collection is mutable.
-
-Residual blocks are rematerialised (`nn.remat`, saving only conv outputs): their
-BatchNorm and ReLU outputs are recomputed during the backward pass rather than stored.
-"""
+"""The model zoo in Flax linen, NHWC images to float32 logits (README.md): He et al.'s ImageNet (v1.5) and
+CIFAR ResNets in one `ResNet` module, whose shortcuts have their own layers (the tutorial's reuse
+`conv1`), David Page's ResNet-9 and Keller Jordan's airbench networks. BatchNorm's running statistics
+live in `batch_stats`, updated only when `train=True` and the collection is mutable."""
 
 import functools
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -35,23 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-ModuleDef = Any
-
 # Kaiming-normal, fan_out, ReLU gain: torch.nn.init.kaiming_normal_(w, mode="fan_out").
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's and Conv2d's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_kernel_init = torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def conv_and_norm(model: nn.Module, train: bool):
-    """The layers every model is built from: a bias-free Kaiming conv and a BatchNorm that
-    computes in `model.dtype` and, when training, averages its statistics over `model.axis_name`."""
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=model.dtype, kernel_init=conv_kernel_init)
+def conv_and_norm(model: nn.Module, train: bool, kernel_init=conv_kernel_init, epsilon=1e-5, use_scale=True):
+    """The layers every model is built from: a bias-free conv and a BatchNorm that compute in
+    `model.dtype`; when training, BatchNorm averages its statistics over `model.axis_name`."""
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=model.dtype, kernel_init=kernel_init)
     norm = functools.partial(
         nn.BatchNorm,
         use_running_average=not train,
+        use_scale=use_scale,
         momentum=model.bn_momentum,
-        epsilon=1e-5,
+        epsilon=epsilon,
         dtype=model.dtype,
         axis_name=model.axis_name if train else None,
     )
@@ -79,12 +54,29 @@ def zero_pad_shortcut(x, filters: int, strides: Tuple[int, int]):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
 
+def last_norm(block, name):
+    """The last BatchNorm of a residual branch, starting at scale 0 with `zero_init_last`."""
+    if block.zero_init_last:
+        return block.norm(name=name, scale_init=nn.initializers.zeros_init())
+    return block.norm(name=name)
+
+
+def residual_sum(block, x, y):
+    """act(x + y), x through `block`'s shortcut where the shapes differ: a projection (1x1 conv + BN) or option A."""
+    if x.shape != y.shape:
+        if block.shortcut == "zero_pad":
+            x = zero_pad_shortcut(x, y.shape[-1], block.strides)
+        else:
+            x = block.norm(name="proj_bn")(block.conv(y.shape[-1], (1, 1), block.strides, name="proj_conv")(x))
+    return block.act(x + y)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection (expansion 1)."""
 
     filters: int
-    conv: ModuleDef
-    norm: ModuleDef
+    conv: Any
+    norm: Any
     act: Callable
     strides: Tuple[int, int] = (1, 1)
     shortcut: str = "projection"  # or "zero_pad" (option A, no parameters)
@@ -93,62 +85,32 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        residual = x
         y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=1, name="conv2")(y)
-        y = last_norm(self, "bn2")(y)
-        if residual.shape != y.shape:
-            residual = shortcut(self, residual, self.filters)
-        return self.act(residual + y)
+        return residual_sum(self, x, last_norm(self, "bn2")(y))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(BasicBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual connection."""
 
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    strides: Tuple[int, int] = (1, 1)
-    shortcut: str = "projection"
-    zero_init_last: bool = False
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
-        residual = x
         y = self.conv(self.filters, (1, 1), name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
         y = self.act(self.norm(name="bn2")(y))
         y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
-        y = last_norm(self, "bn3")(y)
-        if residual.shape != y.shape:
-            residual = shortcut(self, residual, self.filters * 4)
-        return self.act(residual + y)
-
-
-def last_norm(block, name):
-    """The last BatchNorm of a residual branch, optionally starting at scale 0."""
-    if block.zero_init_last:
-        return block.norm(name=name, scale_init=nn.initializers.zeros_init())
-    return block.norm(name=name)
-
-
-def shortcut(block, x, filters):
-    """The shape-changing shortcut of `block`: projection (1x1 conv + BN) or option A."""
-    if block.shortcut == "zero_pad":
-        return zero_pad_shortcut(x, filters, block.strides)
-    x = block.conv(filters, (1, 1), block.strides, name="proj_conv")(x)
-    return block.norm(name="proj_bn")(x)
+        return residual_sum(self, x, last_norm(self, "bn3")(y))
 
 
 class ResNet(nn.Module):
     """ResNet v1 for NHWC images; returns float32 logits."""
 
     stage_sizes: Sequence[int]
-    block_cls: ModuleDef
+    block_cls: Any
     num_classes: int
     num_filters: int = 64
     stem: str = "imagenet"  # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": 3x3/1 conv
@@ -166,33 +128,29 @@ class ResNet(nn.Module):
         if self.shortcut not in ("projection", "zero_pad"):
             raise ValueError(f"shortcut must be 'projection' or 'zero_pad', got {self.shortcut!r}")
         conv, norm = conv_and_norm(self, train)
-        x = x.astype(self.dtype)
+        kernel, strides, padding = ((7, 7), (2, 2), 3) if self.stem == "imagenet" else ((3, 3), (1, 1), 1)
+        x = conv(self.num_filters, kernel, strides, padding=padding, name="conv_init")(x.astype(self.dtype))
+        x = self.act(norm(name="bn_init")(x))
         if self.stem == "imagenet":
-            x = conv(self.num_filters, (7, 7), (2, 2), padding=3, name="conv_init")(x)
-            x = self.act(norm(name="bn_init")(x))
             # torch's MaxPool2d(3, 2, padding=1), written as an explicit -inf pad and a VALID pool:
             # the same numbers as padding=((1, 1), (1, 1)).
             x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
             x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
-        else:
-            x = conv(self.num_filters, (3, 3), padding=1, name="conv_init")(x)
-            x = self.act(norm(name="bn_init")(x))
         # Backpropagation keeps only the blocks' conv outputs (and inputs) and recomputes the
         # cheap BatchNorm and ReLU from them: less scratch memory, and with less memory traffic a
         # faster step (docs/measurements.md).
-        block_cls = nn.remat(self.block_cls, policy=jax.checkpoint_policies.dots_saveable)
+        block = functools.partial(
+            nn.remat(self.block_cls, policy=jax.checkpoint_policies.dots_saveable),
+            conv=conv,
+            norm=norm,
+            act=self.act,
+            shortcut=self.shortcut,
+            zero_init_last=self.zero_init_residual,
+        )
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
-                x = block_cls(
-                    self.num_filters * 2**i,
-                    strides=(2, 2) if i > 0 and j == 0 else (1, 1),
-                    conv=conv,
-                    norm=norm,
-                    act=self.act,
-                    shortcut=self.shortcut,
-                    zero_init_last=self.zero_init_residual,
-                    name=f"stage{i + 1}_block{j + 1}",
-                )(x)
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = block(self.num_filters * 2**i, strides=strides, name=f"stage{i + 1}_block{j + 1}")(x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
         return x.astype(jnp.float32)
@@ -201,8 +159,8 @@ class ResNet(nn.Module):
 class Residual(nn.Module):
     """ResNet-9's residual: x + two (3x3 conv + BN + act) of x's width; no activation after the sum."""
 
-    conv: ModuleDef
-    norm: ModuleDef
+    conv: Any
+    norm: Any
     act: Callable
     zero_init_last: bool = False  # start the branch's last BN scale at 0
 
@@ -221,10 +179,10 @@ class ResNet9(nn.Module):
 
     num_classes: int
     num_filters: int = 64  # the prep conv's width; layer1, layer2 and layer3 have 2x, 4x and 8x
-    zero_init_residual: bool = False  # last BN scale of each residual branch starts at 0
-    dtype: Any = jnp.float32  # computation dtype; params and BN statistics stay float32
-    axis_name: Optional[str] = None  # the devices' axis to average BN statistics over (sync BN)
-    bn_momentum: float = 0.9  # flax convention: torch's momentum=0.1
+    zero_init_residual: bool = False
+    dtype: Any = jnp.float32
+    axis_name: Optional[str] = None
+    bn_momentum: float = 0.9
     act: Callable = nn.relu
 
     @nn.compact
@@ -243,26 +201,16 @@ class ResNet9(nn.Module):
             x = conv_bn(x, self.num_filters * 2**i, f"layer{i}")
             x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
             if residual:
-                x = Residual(
-                    conv=conv,
-                    norm=norm,
-                    act=self.act,
-                    zero_init_last=self.zero_init_residual,
-                    name=f"layer{i}_residual",
-                )(x)
+                x = Residual(conv, norm, self.act, self.zero_init_residual, name=f"layer{i}_residual")(x)
         x = jnp.max(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
         return x.astype(jnp.float32) * 0.125  # Page's fixed logit scale, his Mul(weight=0.125)
 
 
-WHITENING_EPS = 5e-4  # airbench's init_whitening_conv eps
-
-
-def whitening_kernel(images: np.ndarray, kernel_size: int = 2, eps: float = WHITENING_EPS) -> np.ndarray:
-    """airbench's whitening conv kernel (HWIO) for normalised NHWC `images`: the eigenvectors of
-    the uncentred second moment (X^T X / n) of every stride-1 `kernel_size` patch, largest
-    eigenvalue first, each scaled by 1 / sqrt(eigenvalue + eps), then the same negated.
-    Accumulated in float64 over chunks, so the result does not depend on the device."""
+def whitening_kernel(images: np.ndarray, kernel_size: int = 2, eps: float = 5e-4) -> np.ndarray:
+    """airbench's `init_whitening_conv` kernel (HWIO) for normalised NHWC `images`: the eigenvectors of the
+    uncentred second moment (X^T X / n) of every stride-1 `kernel_size` patch, largest eigenvalue first, each
+    scaled by 1 / sqrt(eigenvalue + eps), then negated. Float64 over chunks: the same on every device."""
     channels = images.shape[-1]
     size = kernel_size * kernel_size * channels
     moment, count = np.zeros((size, size)), 0
@@ -294,39 +242,26 @@ def max_pool(x, size: int):
     return x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
 
 
+WHITEN_WIDTH = 24  # 2 x the 12 values of a 2x2x3 patch: each eigenvector and its negative
+
+
 class Airbench(nn.Module):
     """airbench's network (its `make_net93` / `make_net94`) for NHWC images; returns float32 logits.
-
-    BatchNorm has no learned scale (airbench fixes it at 1), epsilon 1e-12 and momentum 0.6 in
-    flax's convention (airbench hands PyTorch 1 - 0.6). GELU is exact (erf), as PyTorch's.
-    The `whiten` kernel starts as PyTorch's default; `whitening_kernel` of the training images
-    replaces it (`train.Setup.initialised`), and the recipes never train it (`config.param_rules`).
-    """
+    Its BatchNorm has no scale, epsilon 1e-12 and momentum 0.6 as flax counts it; `whitening_kernel`
+    of the training images replaces the `whiten` kernel's init (`train.Setup.initialised`)."""
 
     num_classes: int
     widths: Sequence[int] = (64, 256, 256)  # the three groups' widths
     zero_init_residual: bool = False  # unused: there is no residual
-    dtype: Any = jnp.float32  # computation dtype; params and BN statistics stay float32
-    axis_name: Optional[str] = None  # the devices' axis to average BN statistics over (sync BN)
+    dtype: Any = jnp.float32
+    axis_name: Optional[str] = None
     bn_momentum: float = 0.6
     act: Callable = gelu
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=dirac(torch_default_kernel_init)
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            use_scale=False,
-            momentum=self.bn_momentum,
-            epsilon=1e-12,
-            dtype=self.dtype,
-            axis_name=self.axis_name if train else None,
-        )
-        x = conv(WHITEN_WIDTH, (2, 2), padding="VALID", use_bias=True, name="whiten")(x.astype(self.dtype))
-        x = self.act(x)
+        conv, norm = conv_and_norm(self, train, dirac(torch_default_kernel_init), epsilon=1e-12, use_scale=False)
+        x = self.act(conv(WHITEN_WIDTH, (2, 2), padding="VALID", use_bias=True, name="whiten")(x.astype(self.dtype)))
         for i, width in enumerate(self.widths, start=1):
             x = conv(width, (3, 3), padding=1, name=f"group{i}_conv1")(x)
             x = self.act(norm(name=f"group{i}_norm1")(max_pool(x, 2)))
@@ -337,47 +272,28 @@ class Airbench(nn.Module):
         return x.astype(jnp.float32) / 9.0  # airbench's Mul(1/9)
 
 
-WHITEN_WIDTH = 24  # 2 x the 12 values of a 2x2x3 patch: each eigenvector and its negative
-Airbench93 = functools.partial(Airbench, widths=(64, 128, 128))
-Airbench94 = functools.partial(Airbench, widths=(64, 256, 256))
-
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
-ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
-ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
-ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck)
-ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)
-
-_CIFAR = dict(block_cls=BasicBlock, num_filters=16, stem="cifar", shortcut="zero_pad")
-ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3), **_CIFAR)
-ResNet32 = functools.partial(ResNet, stage_sizes=(5, 5, 5), **_CIFAR)
-ResNet44 = functools.partial(ResNet, stage_sizes=(7, 7, 7), **_CIFAR)
-ResNet56 = functools.partial(ResNet, stage_sizes=(9, 9, 9), **_CIFAR)
-ResNet110 = functools.partial(ResNet, stage_sizes=(18, 18, 18), **_CIFAR)
-
-# Tiny network for tests and the smoke config.
-ResNet8 = functools.partial(ResNet, stage_sizes=(1, 1, 1), **_CIFAR)
-
 # The stems of `ResNet` and the models whose stem is configurable (the He et al. CIFAR nets
 # always use a 3x3 conv, ResNet-9 its own prep conv).
 STEMS = ("cifar", "imagenet")
 STEM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 FIXED_WIDTH_MODELS = ("airbench93", "airbench94")  # no num_filters
 
+_CIFAR = dict(block_cls=BasicBlock, num_filters=16, stem="cifar", shortcut="zero_pad")
 MODELS = {
-    "airbench93": Airbench93,
-    "airbench94": Airbench94,
-    "resnet8": ResNet8,
+    "airbench93": functools.partial(Airbench, widths=(64, 128, 128)),
+    "airbench94": functools.partial(Airbench, widths=(64, 256, 256)),
+    "resnet8": functools.partial(ResNet, stage_sizes=(1, 1, 1), **_CIFAR),  # tiny: tests and the smoke config
     "resnet9": ResNet9,
-    "resnet18": ResNet18,
-    "resnet20": ResNet20,
-    "resnet32": ResNet32,
-    "resnet34": ResNet34,
-    "resnet44": ResNet44,
-    "resnet50": ResNet50,
-    "resnet56": ResNet56,
-    "resnet101": ResNet101,
-    "resnet110": ResNet110,
-    "resnet152": ResNet152,
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
+    "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3), **_CIFAR),
+    "resnet32": functools.partial(ResNet, stage_sizes=(5, 5, 5), **_CIFAR),
+    "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
+    "resnet44": functools.partial(ResNet, stage_sizes=(7, 7, 7), **_CIFAR),
+    "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck),
+    "resnet56": functools.partial(ResNet, stage_sizes=(9, 9, 9), **_CIFAR),
+    "resnet101": functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck),
+    "resnet110": functools.partial(ResNet, stage_sizes=(18, 18, 18), **_CIFAR),
+    "resnet152": functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck),
 }
 
 

@@ -1,31 +1,6 @@
-"""The device layout: how the per-device train and eval steps are spread over the devices.
-
-The steps themselves (`train.train_step`, `train.eval_step`) work on one device's part of the
-global batch and combine results with collectives (`pmean`, `psum`) over the axis AXIS. A
-layout decides everything else, and nothing outside this module knows which one runs:
-
-    "pmap"     `jax.pmap` over this process's devices (the default). The state is
-               stacked, one copy per local device; a batch gets a leading local-device axis.
-    "sharded"  one `jax.jit` of `jax.shard_map` over a one-axis mesh of every device of every
-               process, as JAX recommends (pmap is in maintenance mode). The
-               state is one replicated global array; a batch one global array split on AXIS,
-               built across hosts with `jax.make_array_from_process_local_data`.
-
-Both give each device the same rows of the global batch and run the same per-device code, so
-they train the same (tests/test_parallel.py), and both hand back host copies that checkpoints
-save: a checkpoint of either resumes under either. Every method takes `devices` (default:
-what the layout spans) so that tests can compare 1 device with 8.
-
-    layout(name)                the Pmap or Sharded layout
-    .replicate(state)           the state on every device
-    .process_slice(batch_size)  the rows of every global batch that this process supplies
-    .device_batches(batches)    host batches (this process's rows) on the devices, PREFETCH ahead
-    .place_batch(batch)         one host batch laid out for a mapped step
-    .map_step(fn)               fn(state, batch) on every device's part of the batch
-    .unreplicate(tree)          one copy back on the host, as numpy
-    any_process(flag)           whether `flag` is set on any process
-    sync(name)                  waits for every process to reach this point
-"""
+"""The device layouts that spread the per-device steps (collectives over AXIS) over the devices: `Pmap`
+and `Sharded` train the same, and a checkpoint of either resumes under either (docs/training.md).
+Every method takes `devices` (default: what the layout spans) so that tests can compare 1 device with 8."""
 
 import collections
 import functools
@@ -73,15 +48,12 @@ class Pmap:
     process_slice = staticmethod(process_slice)
 
     def replicate(self, tree, devices=None):
-        """`tree` copied onto every local device (or `devices`), laid out as the mapped steps
-        return their outputs: sharded over a mesh axis named AXIS. With flax's default axis
-        name the first step's input layout differs from every later step's, and each layout
-        compiles the step once more."""
+        """`tree` copied onto every local device, sharded over a mesh axis named AXIS as the mapped steps
+        return it: with flax's default axis name the first step would compile once more."""
         return jax_utils.replicate(tree, devices, axis_name=AXIS)
 
     def unreplicate(self, tree):
-        """This process's first-device copy of a replicated tree, as host numpy arrays. Reads
-        local data only: indexing `x[0]` would be a cross-process computation on several hosts."""
+        """This process's first-device copy of a replicated tree as numpy (`x[0]` would run across hosts)."""
         return jax.device_get(jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree))
 
     def place_batch(self, batch: dict, devices=None) -> dict:
@@ -89,16 +61,14 @@ class Pmap:
         return shard(batch, len(devices or jax.local_devices()))
 
     def device_batches(self, batches, devices=None):
-        """Host batches (this process's rows) already on the local devices, laid out as `replicate`
-        lays out the state, PREFETCH of them in flight so that no step waits for its input."""
+        """Host batches (this process's rows) on the local devices as `replicate` lays out the state, PREFETCH ahead."""
         devices = devices or jax.local_devices()
         batches = (shard(b, len(devices)) for b in batches)
         return jax_utils.prefetch_to_device(batches, PREFETCH, devices, axis_name=AXIS)
 
     def map_step(self, fn, devices=None, donate_state: bool = False):
-        """`fn(state, batch)` on each local device, on its part of the batch, with collectives over
-        AXIS spanning every device of every process. `donate_state`: the output state reuses the
-        input's buffers (the train step: one copy of the state)."""
+        """`fn(state, batch)` on each local device's part of the batch, with collectives over AXIS spanning
+        every process; with `donate_state` the output state reuses the input's buffers."""
         return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,) if donate_state else (), devices=devices)
 
 
@@ -113,8 +83,8 @@ def _cached_mesh(devices: tuple) -> Mesh:
 
 
 class Sharded:
-    """One `jax.jit` of `jax.shard_map` over a mesh of every device of every process (or
-    `devices`): the state a replicated global array, each batch a global array split on AXIS."""
+    """One `jax.jit` of `jax.shard_map` over a mesh of every device of every process (or `devices`): the
+    state a replicated global array, each batch a global array split on AXIS."""
 
     name = "sharded"
     process_slice = staticmethod(process_slice)  # jax.devices() lists each process's devices together, in order
@@ -149,12 +119,8 @@ class Sharded:
 
     def map_step(self, fn, devices=None, donate_state: bool = False):
         """`fn(state, batch)` on each device's block of the batch, the state replicated in and out.
-
-        check_vma=False keeps pmap's semantics, which the steps are written for: each device's
-        gradient is its own until the step's `pmean` averages it. With shard_map's default
-        (True) autodiff already sums the gradient of a replicated parameter over the axis, and
-        the step's `pmean` would then leave the sum, not the mean.
-        """
+        check_vma=False keeps pmap's semantics, which the steps are written for: with shard_map's default
+        autodiff already sums a replicated parameter's gradient over the axis, and `pmean` would keep the sum."""
         P = PartitionSpec
         mapped = jax.shard_map(fn, mesh=_mesh(devices), in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
         return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())

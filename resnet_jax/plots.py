@@ -1,7 +1,5 @@
-"""Plots of a run, drawn with matplotlib's headless backend.
-
-python -m resnet_jax.plots WORKDIR    # redraws WORKDIR/curves.png, also while the run goes on
-"""
+"""Plots of a run, drawn with matplotlib's headless backend. `python -m resnet_jax.plots WORKDIR`
+redraws WORKDIR/curves.png, also while the run goes on."""
 
 import argparse
 import os
@@ -25,21 +23,12 @@ def plot_confusion(confusion, class_names, path: str, title: str = "") -> None:
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), class_names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     if n <= 20:
         threshold = confusion.max() / 2
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    int(confusion[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if confusion[i, j] > threshold else "black",
-                )
+        for i, j in np.ndindex(n, n):
+            color = "white" if confusion[i, j] > threshold else "black"
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -62,14 +51,12 @@ def plot_curves(workdir: str) -> str:
                 marker = "o" if s == "test" or len(split[s]) == 1 else None
                 epochs, values = [r["epoch"] for r in split[s]], [r[name] for r in split[s]]
                 ax.plot(epochs, values, marker=marker, markersize=3, label=s)
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
         ax.legend()
     axes[2].plot([r["epoch"] for r in split["train"]], [r["learning_rate"] for r in split["train"]])
-    axes[2].set_title("learning rate")
-    axes[2].set_xlabel("epoch")
-    axes[2].grid(alpha=0.3)
+    for title, ax in zip(("loss", "accuracy", "learning rate"), axes):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(workdir, "curves.png")
     # Written aside then renamed: a viewer, or the run and this module's command drawing at
@@ -90,12 +77,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(f"wrote {plot_curves(args.workdir)}")
-    except Error as e:
+    except (Error, OSError) as e:  # OSError: an unwritable workdir, an unreadable metrics.jsonl.
         print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # An unwritable workdir, an unreadable metrics.jsonl.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code if isinstance(e, Error) else 2
     return 0
 
 

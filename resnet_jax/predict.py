@@ -1,11 +1,7 @@
-"""`--mode predict`: the top-3 classes of image files, from a trained checkpoint.
-
-Each file becomes the image the network trained on (`data.images.load_image`: 32x32, or an
-image folder's `data.image_size` square), so a CIFAR image saved as PNG is classified as
-`--mode eval` classifies it. Class names and normalisation are training's, the preprocessing
-is eval's, and the network runs with `train=False`. A file that cannot be used gets a
-one-line error; the other files are still answered.
-"""
+"""`--mode predict`: the top-3 classes of image files, from a trained checkpoint. Each file becomes the
+image the network trained on (`data.images.load_image`) and goes through eval's preprocessing, so a
+CIFAR image saved as PNG is classified as `--mode eval` classifies it; a file that cannot be used gets
+a one-line error and the others are still answered."""
 
 import functools
 import json
@@ -29,11 +25,6 @@ def top3(probabilities: np.ndarray, class_names) -> list:
     """The three most probable classes, most probable first."""
     order = np.argsort(-probabilities, kind="stable")[:3]
     return [{"class": class_names[i], "probability": float(probabilities[i])} for i in order]
-
-
-def format_text(path: str, top: list) -> str:
-    """One line: the file, then its classes with their probabilities."""
-    return f"{path}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in top)
 
 
 def classify(apply, state, images: dict, batch_size: int) -> dict:
@@ -68,5 +59,6 @@ def predict_files(config, workdir: str, paths, as_json: bool = False, dataset=No
                 print(f"{path}: error: {errors[i]}", file=sys.stderr, flush=True)
         else:
             top = top3(probabilities[i], dataset.class_names)
-            print(json.dumps({"file": path, "top3": top}) if as_json else format_text(path, top), flush=True)
+            text = f"{path}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in top)
+            print(json.dumps({"file": path, "top3": top}) if as_json else text, flush=True)
     return len(errors)

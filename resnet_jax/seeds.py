@@ -1,13 +1,6 @@
-"""Results over seeds: one config trained (or evaluated) once per seed, and the mean ± standard
-deviation of its final validation and test accuracy.
-
-    python run.py --config C --workdir W --seeds 3 [--mode eval]
-
-trains (or, with --mode eval, evaluates) W/seed_0, W/seed_1 and W/seed_2, each an ordinary
-workdir that resumes as any other, then writes W/seeds.json and the table W/seeds.md
-(W/seeds_eval_<tta>.json and .md for --mode eval, so that evaluations with different
-test-time augmentation sit side by side).
-"""
+"""`--seeds`: one config trained or evaluated in WORKDIR/seed_<seed> per seed, and the mean ± standard
+deviation of the final validation and test accuracy in WORKDIR/seeds.json and .md (--mode eval:
+seeds_eval_<tta>.json and .md, so that evaluations with different test-time augmentation sit side by side)."""
 
 import json
 import os
@@ -51,11 +44,8 @@ def aggregate(per_seed: Dict[int, Dict[str, float]]) -> dict:
     for split in SPLITS:
         values = [r[split] for r in per_seed.values() if split in r]
         if values and len(values) == len(per_seed):
-            aggregated[split] = {
-                "mean": float(np.mean(values)),
-                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "n": len(values),
-            }
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            aggregated[split] = {"mean": float(np.mean(values)), "std": std, "n": len(values)}
     return aggregated
 
 

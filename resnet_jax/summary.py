@@ -1,10 +1,6 @@
-"""`--mode summary`: the configured model's table, drawn by Flax's own `nn.tabulate`.
-
-One row per top-level layer (stem, residual blocks, head) with its output shape, its
-forward FLOPs on one image of the data set's shape (its registry entry's; XLA's cost estimate)
-and its variables; then the totals. Only the config is needed: no data set (of an image
-folder, only its class names), no checkpoint.
-"""
+"""`--mode summary`: Flax's `nn.tabulate` of the configured model, one row per top-level layer with its
+output shape, forward FLOPs on one image (XLA's estimate) and variables, then the totals. It needs
+only the config: no data set (of an image folder, only its class names), no checkpoint."""
 
 import functools
 
@@ -16,12 +12,6 @@ from resnet_jax import models, train
 from resnet_jax.data import registry
 
 WIDTH = 160  # characters: wide enough that rich does not abbreviate the shapes
-
-
-def forward_flops(model, variables, image) -> int:
-    """XLA's estimate of the FLOPs of one inference forward pass on `image`."""
-    apply = functools.partial(model.apply, train=False)
-    return int(jax.jit(apply).lower(variables, image).cost_analysis()["flops"])
 
 
 def model_table(config) -> str:
@@ -36,12 +26,10 @@ def model_table(config) -> str:
     )(image, train=False)
     variables = jax.eval_shape(functools.partial(model.init, train=False), rng, image)
     params, stats = models.num_params(variables["params"]), models.num_params(variables["batch_stats"])
-    lines = [line.rstrip() for line in table.splitlines()]
-    return "\n".join(
-        lines
-        + [
-            f"{config.model.name} for {config.data.name} ({num_classes} classes, {config.model.dtype}): "
-            f"{params:,} trained parameters + {stats:,} BatchNorm statistics = {params + stats:,} variables",
-            f"Forward FLOPs per {image_shape[0]}x{image_shape[1]} image: {forward_flops(model, variables, image):,}",
-        ]
+    flops = int(jax.jit(functools.partial(model.apply, train=False)).lower(variables, image).cost_analysis()["flops"])
+    totals = (
+        f"{config.model.name} for {config.data.name} ({num_classes} classes, {config.model.dtype}): "
+        f"{params:,} trained parameters + {stats:,} BatchNorm statistics = {params + stats:,} variables\n"
+        f"Forward FLOPs per {image_shape[0]}x{image_shape[1]} image: {flops:,}"
     )
+    return "\n".join([line.rstrip() for line in table.splitlines()] + [totals])
