@@ -134,9 +134,7 @@ def run(argv) -> None:
 
     config = FLAGS.config
     config_checks.validate(config, jax.device_count())  # Bad input: one line on stderr, nothing before it.
-    accelerators.log_platform()
-    if cpu_path and jax.default_backend() == "cpu":
-        logging.info(cpu_path)
+    accelerators.log_platform(cpu_path)
     cluster.log_joined(joined)
     config_path = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])

@@ -39,8 +39,9 @@ def cpu_fallback_warning(backend: str, driver: Optional[str], jax_platforms: str
     )
 
 
-def log_platform() -> None:
-    """Logs the start-up line (jax's versions, backend, devices, processes) and the CPU-fallback warning."""
+def log_platform(cpu_path: Optional[str] = None) -> None:
+    """Logs the start-up line (jax's versions, backend, devices, processes; on the CPU, `cpu_path`:
+    how it computes the config's dtype) and the CPU-fallback warning."""
     import jax
     import jaxlib
 
@@ -48,7 +49,7 @@ def log_platform() -> None:
     logging.info(
         f"jax {jax.__version__} (jaxlib {jaxlib.__version__}) on {jax.default_backend()}: {len(devices)} x "
         f"{', '.join(sorted({d.device_kind for d in devices}))} ({jax.local_device_count()} local) in "
-        f"{jax.process_count()} process(es)"
+        f"{jax.process_count()} process(es)" + (f"; {cpu_path}" if cpu_path and jax.default_backend() == "cpu" else "")
     )
     warning = cpu_fallback_warning(jax.default_backend(), nvidia_driver(), os.environ.get("JAX_PLATFORMS", ""))
     if warning:

@@ -1,7 +1,9 @@
 """The start-up line and the warning for an NVIDIA GPU that JAX does not use."""
 
+import pytest
+
 from conftest import run_cli
-from resnet_jax import accelerators
+from resnet_jax import accelerators, xla_flags
 
 
 def fake_machine(root, driver_text=None, gpus=1):
@@ -36,12 +38,19 @@ def test_cpu_fallback_warning_names_the_extra_for_the_driver():
     assert accelerators.cpu_fallback_warning("cpu", "580.159.03", jax_platforms="cpu") is None
 
 
-def test_run_py_logs_backend_devices_and_versions_at_start():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_run_py_logs_backend_devices_versions_and_the_cpus_bfloat16_path_at_start(dtype):
     import jax
     import jaxlib
 
-    result = run_cli("--config", "configs/smoke.py", "--mode", "summary")
+    result = run_cli("--config", "configs/smoke.py", "--mode", "summary", f"--config.model.dtype={dtype}")
     assert result.returncode == 0, result.stderr[-3000:]
     line = f"jax {jax.__version__} (jaxlib {jaxlib.__version__}) on cpu: 8 x cpu (8 local) in 1 process(es)"
     assert line in result.stderr
     assert "NVIDIA GPU is visible" not in result.stderr
+    if dtype == "float32":
+        assert "bfloat16 on the CPU" not in result.stderr
+    elif xla_flags.cpu_bfloat16_support():
+        assert f"{line}; bfloat16 on the CPU: convolutions in oneDNN's bfloat16 kernels" in result.stderr
+    else:
+        assert f"{line}; bfloat16 on the CPU: this CPU lacks AVX512-BF16 and AMX" in result.stderr
