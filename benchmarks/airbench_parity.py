@@ -156,7 +156,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax import models, train
+    from resnet_jax import models, optimizer, train
     from resnet_jax.data import pipeline, registry
 
     config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
@@ -180,7 +180,7 @@ def main():
         "momentum": config.momentum,
         "learning_rate": learning_rate,
         "weight_decay": config.weight_decay * learning_rate,
-        "bias_scaler": train.param_rules(config, setup.fresh_state.params)["group1_norm1"]["bias"][0],
+        "bias_scaler": optimizer.param_rules(config, setup.fresh_state.params)["group1_norm1"]["bias"][0],
         "label_smoothing": config.label_smoothing,
     }
     with tempfile.TemporaryDirectory() as tmp:
