@@ -41,9 +41,8 @@ def param_name(path) -> str:
 
 
 def param_rules(config, params) -> dict:
-    """Each parameter's (learning-rate multiplier, weight-decay multiplier, epochs it trains; None: all)
-    from the first rule of `config.param_rules` matching its whole name; an Error if a rule or a
-    parameter is left unmatched."""
+    """Each parameter's (learning-rate multiplier, weight-decay multiplier, epochs it trains; None: all) by
+    the first rule of `config.param_rules` matching its whole name; an Error if a rule or a parameter is unmatched."""
     names = [param_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     rules = config.param_rules
     first = {name: next((i for i, rule in enumerate(rules) if re.fullmatch(rule[0], name)), None) for name in names}
