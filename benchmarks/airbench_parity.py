@@ -143,7 +143,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax import models, train
+    from resnet_jax import models, optimizer, train
     from resnet_jax.data import pipeline, registry
 
     config = __import__(f"configs.{args.model}", fromlist=["get_config"]).get_config()
@@ -160,7 +160,7 @@ def main():
     learning_rate = config.learning_rate * 1024 * (1 + 1 / (1 - config.momentum)) / config.base_batch_size
     spec = dict(model=args.model, steps=args.steps, total_steps=setup.num_steps, momentum=config.momentum)
     spec.update(learning_rate=learning_rate, weight_decay=config.weight_decay * learning_rate)
-    spec["bias_scaler"] = train.param_rules(config, setup.fresh_state.params)["group1_norm1"]["bias"][0]
+    spec["bias_scaler"] = optimizer.param_rules(config, setup.fresh_state.params)["group1_norm1"]["bias"][0]
     spec["label_smoothing"] = config.label_smoothing
     with tempfile.TemporaryDirectory() as tmp:
         data, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")

@@ -1,12 +1,9 @@
-"""orbax checkpoints of the train state: save, restore with fallback, and step lookup.
+"""orbax checkpoints of the whole train state (the data and the augmentation are pure functions of
+the step): save, restore with fallback to an earlier checkpoint, and step lookup. orbax writes each
+to a temporary folder renamed when complete, so a kill during a save leaves the earlier ones intact."""
 
-A checkpoint holds everything needed to continue exactly: params, batch_stats,
-optimizer state and step (the data position and augmentation randomness are pure
-functions of the step). orbax writes each checkpoint to a temporary folder and renames
-it when complete, so a kill during a save leaves the previous checkpoints intact; the
-temporary folder is removed at the next start.
-"""
-
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -14,7 +11,7 @@ from typing import Optional
 
 import flax.serialization
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from resnet_jax import cluster, parallel
 from resnet_jax.errors import Error, RunFailure, first_line
@@ -27,12 +24,8 @@ def checkpoint_dir(workdir: str) -> str:
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the `keep` most recent checkpoints plus the best by validation accuracy (only
     checkpoints saved with metrics, which runs with a validation split give); saves asynchronously."""
-    policy = checkpoint_managers.AnyPreservationPolicy(
-        [
-            checkpoint_managers.LatestN(n=keep),
-            checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
-        ]
-    )
+    best = BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False)
+    policy = AnyPreservationPolicy([LatestN(n=keep), best])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
         best_fn=_best_metric,
@@ -53,12 +46,8 @@ def save(manager: ocp.CheckpointManager, state, metrics: Optional[dict] = None) 
     """Starts an asynchronous save of the (unreplicated, host) state at its step."""
     step = int(state.step)
     try:
-        manager.save(
-            step,
-            args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-            metrics=metrics,
-            force=True,
-        )
+        args = ocp.args.StandardSave(flax.serialization.to_state_dict(state))
+        manager.save(step, args=args, metrics=metrics, force=True)
     except Exception as e:  # a multi-process save's collectives fail too when a process is lost
         failure = RunFailure(f"a checkpoint save failed before step {step} ({_short(e)}); training stopped")
         raise cluster.lost_process(e) or failure from None
@@ -75,14 +64,11 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 def close(manager: ocp.CheckpointManager) -> None:
     """Releases orbax's threads, also after a failed save (already reported by `wait`/`save`)."""
-    try:
+    with contextlib.suppress(Exception):  # the failure was reported where it happened
         manager.close()
-    except Exception:  # noqa: BLE001 - the failure was reported where it happened.
-        pass
 
 
-# What evaluation, predict and export read of a checkpoint: not the optimizer state, whose layout
-# may be another optimizer's.
+# What evaluation, predict and export read: not the optimizer state, whose layout may be another optimizer's.
 EVAL_PARTS = ("step", "params", "batch_stats", "ema")
 
 
@@ -98,16 +84,12 @@ def _restore_step(manager, step: int, template, parts=None):
     return flax.serialization.from_state_dict(template, restored)
 
 
-def _short(e: Exception) -> str:
-    return first_line(e, with_type=True, limit=200)
+_short = functools.partial(first_line, with_type=True, limit=200)  # an exception, in one line for a message
 
 
 def _drop_failed_restore_noise() -> None:
-    """A failed restore leaves tensorstore reads finishing on orbax's closed event loop; the
-    errors they raise there (at any moment, from other threads, or logged by asyncio as
-    "Task exception was never retrieved" with a traceback, possibly ahead of the restore's
-    own exception) say nothing new, so they are not printed. Installed before each restore,
-    since it can fail."""
+    """Silences the errors of the tensorstore reads a failed restore leaves on orbax's closed event loop (from
+    other threads, or asyncio's "Task exception was never retrieved"): nothing new. Called before each restore."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     if getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
         return
@@ -122,13 +104,9 @@ def _drop_failed_restore_noise() -> None:
 
 
 def restore_latest(manager: ocp.CheckpointManager, template, quarantine: Optional[str] = None, parts=None):
-    """Restores the newest usable checkpoint into `template` (or returns `template` if there
-    are none; with `parts`, only those fields of it), skipping with a warning any that cannot be
-    read. With `quarantine`, skipped checkpoints are moved there, so that training can save those
-    steps again. Raises if checkpoints exist but none is usable: training must not start over on
-    top of them.
-    Every process of a multi-process run must call it: a checkpoint one of them cannot read is
-    skipped by all, so that they resume from the same step."""
+    """The newest usable checkpoint (only its `parts`, if given) into `template`, or `template` if none.
+    Every process must call it: all skip, with a warning, one that any cannot read (moved to `quarantine`
+    so that training saves those steps again). An Error if none is usable: training must not start over."""
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
         try:
@@ -195,9 +173,8 @@ def restore_for_eval(manager: ocp.CheckpointManager, template, which: str):
 
 
 def restore_variables(workdir: str, which: str):
-    """(step, {"params", "batch_stats"} as numpy) of the checkpoint `which` names in another
-    run's `workdir`, read without a template: its architecture may differ from ours. The
-    weights are its moving average when it kept one, as its evaluation used."""
+    """(step, {"params", "batch_stats"} as numpy) of the checkpoint `which` names in another run's
+    `workdir`, read without a template (its architecture may differ); its moving average if it kept one."""
     manager = create_manager(workdir, 1, read_only=True)
     step = which
     try:
@@ -210,6 +187,5 @@ def restore_variables(workdir: str, which: str):
         raise Error(f"checkpoint at step {step} in {manager.directory} is unreadable ({_short(e)})") from None
     finally:
         manager.close()
-    if restored.get("ema"):
-        return step, {"params": restored["ema"]["params"], "batch_stats": restored["ema"]["batch_stats"]}
-    return step, {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    weights = restored["ema"] if restored.get("ema") else restored
+    return step, {"params": weights["params"], "batch_stats": weights["batch_stats"]}

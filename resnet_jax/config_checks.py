@@ -4,7 +4,7 @@ import re
 
 import jax
 
-from resnet_jax import models, parallel, train
+from resnet_jax import models, optimizer, parallel, train
 from resnet_jax.data import pipeline, registry
 from resnet_jax.errors import Error
 
@@ -52,7 +52,7 @@ def validate(config, device_count: int = None) -> None:
     if config.data.crop_padding < 0 or config.data.cutout < 0 or config.data.validation_examples < 0:
         raise Error("--config.data.crop_padding, data.cutout and data.validation_examples must be >= 0")
     _choice("parallel", config.parallel, tuple(parallel.LAYOUTS))
-    _choice("schedule", config.schedule, train.SCHEDULES)
+    _choice("schedule", config.schedule, optimizer.SCHEDULES)
     _choice("eval_tta", config.eval_tta, train.TTA_MODES)
     if not 0 <= config.ema_decay < 1:
         raise Error(

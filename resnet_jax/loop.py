@@ -1,15 +1,5 @@
-"""The train loop: train steps, and between them the periodic actions, each due by a named
-predicate of the step (`Due`, after big_vision's `itstime`):
-
-    log         every log_every_steps, and at the last step
-    evaluation  every eval_every_epochs, and at the last step; then a checkpoint
-    checkpoint  every checkpoint_every_steps, and at the last step
-    stop_check  SIGTERM/SIGINT: a checkpoint, then a clean return that the same command resumes
-
-`train_and_evaluate` reads top to bottom; `Run` holds what the loop keeps between steps
-besides the state (the checkpoint manager, the metrics log, the clock), and its methods take
-the state as an argument. `evaluate_split` evaluates one split; the modes use it too.
-"""
+"""The train loop: train steps and between them the periodic actions `Due` names (after big_vision's
+`itstime`); `Run` holds what the loop keeps besides the state. The modes evaluate with `evaluate_split`."""
 
 import dataclasses
 import logging
@@ -29,10 +19,7 @@ from resnet_jax.errors import RunFailure
 
 
 def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "CONFIG") -> bool:
-    """Trains (resuming from the latest checkpoint in `workdir`), evaluates, checkpoints.
-
-    Returns whether training reached its last step (False: a signal stopped it).
-    """
+    """Trains, evaluates and checkpoints, resuming from `workdir`'s latest checkpoint; False if a signal stopped it."""
     setup = train.Setup(config, dataset or registry.load_dataset(config.data))
     run = Run(config, workdir, setup)
     try:
@@ -50,13 +37,13 @@ def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "C
                     state = run.log_train(step, state)
                 if due.evaluation(step):
                     run.save(step, state, run.evaluate_and_record(step, state, p_eval_step))
-                    run.clock.lap(step)
+                    run.lap(step)
                 elif due.checkpoint(step):
                     run.save(step, state)
                 if due.stop_check(step) and stop.requested():
                     run.stop(step, state, stop.received, config_path)
                     return False
-        run.wait()
+        checkpoints.wait(run.manager)
         return True
     finally:
         run.close(failed=sys.exc_info()[1] is not None)
@@ -98,24 +85,9 @@ class Due:
         return step < self.num_steps and (jax.process_count() == 1 or step % self.log_every == 0)
 
 
-class Clock:
-    """Seconds since the run began, and the train images/s since the last lap."""
-
-    def __init__(self, step: int, batch_size: int):
-        self.started = time.perf_counter()
-        self.batch_size = batch_size
-        self.lap(step, self.started)
-
-    def lap(self, step: int, at: float = None) -> None:
-        self.lap_step, self.lap_at = step, time.perf_counter() if at is None else at
-
-    def images_per_sec(self, step: int, now: float) -> float:
-        return (step - self.lap_step) * self.batch_size / (now - self.lap_at)
-
-
 class Run:
-    """What the loop keeps between steps besides the state: the checkpoint manager, the metrics
-    log and progress bar (process 0), the clock and the last saved step."""
+    """What the loop keeps besides the state: the checkpoint manager, the metrics log and progress bar
+    (process 0), the clock (seconds since the start, images/s since the last lap), the last saved step."""
 
     def __init__(self, config, workdir: str, setup):
         self.config, self.workdir, self.setup = config, workdir, setup
@@ -141,18 +113,20 @@ class Run:
         if start_step:
             logging.info("resumed from the checkpoint at step %d", start_step)
         logging.info(
-            "training %s on %s: %d steps (%d per epoch), %d devices on %d processes",
-            config.model.name,
-            config.data.name,
-            setup.num_steps,
-            setup.steps_per_epoch,
-            jax.device_count(),
-            jax.process_count(),
+            f"training {config.model.name} on {config.data.name}: {setup.num_steps} steps ({setup.steps_per_epoch}"
+            f" per epoch), {jax.device_count()} devices on {jax.process_count()} processes"
         )
-        self.progress = _progress_bar(self.is_main, start_step, setup.num_steps)
+        if self.is_main and sys.stderr.isatty():
+            import tqdm
+
+            self.progress = tqdm.tqdm(total=setup.num_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.start_step, self.last_saved = start_step, start_step or None
         self.compile_seconds = None  # the first step's wall time (its compilation), until a record reports it
-        self.clock = Clock(start_step, config.batch_size)
+        self.started = time.perf_counter()
+        self.lap(start_step, self.started)
+
+    def lap(self, step: int, at: float = None) -> None:
+        self.lap_step, self.lap_at = step, time.perf_counter() if at is None else at
 
     def stepped(self, step: int, state, logging_now: bool) -> None:
         """After each step: the progress bar; after the first, its wall time (mostly compilation)."""
@@ -160,9 +134,9 @@ class Run:
             self.progress.update(1)
         if step == self.start_step + 1:  # The one wait outside logging: the first step is its compilation.
             jax.block_until_ready(state)
-            self.compile_seconds = time.perf_counter() - self.clock.started
+            self.compile_seconds = time.perf_counter() - self.started
             if not logging_now:  # The first record's throughput then leaves compilation out.
-                self.clock.lap(step, self.clock.started + self.compile_seconds)
+                self.lap(step, self.started + self.compile_seconds)
 
     def train_metrics(self, state) -> dict:
         """The metric sums since the last record, on the host; stops on a non-finite loss."""
@@ -182,20 +156,17 @@ class Run:
         """Writes the train record of the steps since the last one; returns `state` with its sums reset."""
         sums = self.train_metrics(state)
         now = time.perf_counter()
-        record = {
-            "step": step,
-            "epoch": step / self.setup.steps_per_epoch,
-            "split": "train",
+        values = {
             "loss": float(sums["loss"] / sums["count"]),
             "accuracy": float(sums["accuracy"] / sums["count"]),
             "learning_rate": float(self.setup.learning_rate_fn(step - 1)),
-            "images_per_sec": self.clock.images_per_sec(step, now),
-            "elapsed_seconds": now - self.clock.started,
+            "images_per_sec": (step - self.lap_step) * self.config.batch_size / (now - self.lap_at),
+            "elapsed_seconds": now - self.started,
         }
         if self.compile_seconds is not None:
-            record["compile_seconds"], self.compile_seconds = self.compile_seconds, None
-        self.clock.lap(step, now)
-        self._write(record)
+            values["compile_seconds"], self.compile_seconds = self.compile_seconds, None
+        self.lap(step, now)
+        self._write(step, "train", values)
         return state.replace(train_metrics=self.setup.layout.replicate(train.empty_train_metrics()))
 
     def evaluate_and_record(self, step: int, state, p_eval_step):
@@ -206,17 +177,8 @@ class Run:
             result = evaluate_split(self.setup, p_eval_step, state, images, labels)
             accuracy[split] = result["accuracy"]
             now = time.perf_counter()
-            self._write(
-                {
-                    "step": step,
-                    "epoch": step / self.setup.steps_per_epoch,
-                    "split": split,
-                    "loss": result["loss"],
-                    "accuracy": result["accuracy"],
-                    "eval_seconds": now - began,
-                    "elapsed_seconds": now - self.clock.started,
-                }
-            )
+            seconds = {"eval_seconds": now - began, "elapsed_seconds": now - self.started}
+            self._write(step, split, {"loss": result["loss"], "accuracy": result["accuracy"], **seconds})
         if self.metrics_log:
             plots.plot_curves(self.workdir)
         # The kept "best" checkpoint is chosen on validation only, never on test.
@@ -232,21 +194,15 @@ class Run:
         """Saves `state` (unless just saved) and says how to resume."""
         if self.last_saved != step:
             self.save(step, state)
-        self.wait()
-        if self.is_main:
-            print(
-                f"stopped by {signal_name or 'a signal on another process'} at step {step}; checkpoint saved. "
-                f"Resume with: python run.py --config {config_path} --workdir {self.workdir}",
-                flush=True,
-            )
-
-    def wait(self) -> None:
         checkpoints.wait(self.manager)
+        if self.is_main:
+            by = signal_name or "a signal on another process"
+            resume = f"python run.py --config {config_path} --workdir {self.workdir}"
+            print(f"stopped by {by} at step {step}; checkpoint saved. Resume with: {resume}", flush=True)
 
     def close(self, failed: bool = False) -> None:
-        """Releases orbax's threads, the progress bar and the metrics log. After a failure of a
-        multi-process run, a pending save may be waiting on a lost process until jax's heartbeat
-        timeout: it is left behind (run.py exits without joining it)."""
+        """Releases orbax's threads, the progress bar and the metrics log; after a multi-process run's failure
+        not orbax's: a pending save may wait on a lost process until jax's heartbeat timeout (run.py exits)."""
         if not (failed and jax.process_count() > 1):
             checkpoints.close(self.manager)
         if self.progress:
@@ -254,10 +210,19 @@ class Run:
         if self.metrics_log:
             self.metrics_log.close()
 
-    def _write(self, record: dict) -> None:
-        if self.metrics_log:
-            self.metrics_log.write(record)
-            _report(self.progress, record)
+    def _write(self, step: int, split: str, values: dict) -> None:
+        """Appends the record to the metrics log and prints it, on process 0."""
+        if not self.metrics_log:
+            return
+        record = {"step": step, "epoch": step / self.setup.steps_per_epoch, "split": split, **values}
+        self.metrics_log.write(record)
+        text = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "split"
+        )
+        if self.progress:
+            self.progress.write(f"{split}: {text}")
+        else:
+            print(f"{split}: {text}", flush=True)
 
 
 def evaluate_split(setup, p_eval_step, state, images, labels) -> dict:
@@ -270,19 +235,14 @@ def evaluate_split(setup, p_eval_step, state, images, labels) -> dict:
     totals = layout.unreplicate(totals)
     confusion = np.asarray(totals["confusion"], np.int64)
     count = int(confusion.sum())
-    return {
-        "loss": float(totals["loss"]) / count,
-        "accuracy": float(np.trace(confusion)) / count,
-        "num_examples": count,
-        "confusion": confusion,
-    }
+    loss, accuracy = float(totals["loss"]) / count, float(np.trace(confusion)) / count
+    return {"loss": loss, "accuracy": accuracy, "num_examples": count, "confusion": confusion}
 
 
 class StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
 
-    def __init__(self):
-        self.received = None
+    received = None  # the signal's name
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -299,21 +259,3 @@ class StopSignal:
         """Whether to stop now: a signal reached this process or, in a multi-process run, any
         process (every process must ask at the same step)."""
         return parallel.any_process(self.received is not None)
-
-
-def _progress_bar(is_main: bool, start: int, total: int):
-    """A tqdm bar on process 0 when stderr is a terminal; None otherwise."""
-    if not (is_main and sys.stderr.isatty()):
-        return None
-    import tqdm
-
-    return tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
-def _report(progress, record: dict) -> None:
-    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "split")
-    line = f"{record['split']}: {text}"
-    if progress:
-        progress.write(line)
-    else:
-        print(line, flush=True)

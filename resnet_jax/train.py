@@ -1,40 +1,29 @@
-"""The pure parts of training: the state, the model, the optimizer and its schedules, and the
-per-device train and eval steps; `Setup` builds them all from a config and a data set.
-
-    create_train_state -> (train_step)* with eval_step over each split -> checkpoints
-
-`train_step` and `eval_step` work on one device's part of the global batch and combine
-their results with collectives over `parallel.AXIS`; the device layout `config.parallel`
-names (`Setup.layout`) spreads them over every device of every process, and `loop` runs them.
-"""
+"""The pure parts of training: the state, the model, the per-device train and eval steps (collectives
+over `parallel.AXIS`), and `Setup`, which builds them with the schedule and the optimizer from a config
+and a data set; the device layout `config.parallel` names (`Setup.layout`) spreads them and `loop` runs them."""
 
 import functools
 import math
-import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
 
-from resnet_jax import models, parallel
+from resnet_jax import models, optimizer, parallel
 from resnet_jax.data import pipeline
 from resnet_jax.errors import Error
 
-SCHEDULES = ("cosine", "piecewise", "onecycle", "constant", "airbench")
 WHITENING_IMAGES = 5000  # the train images a whitening conv's kernel is computed from (airbench's)
 TTA_MODES = ("none", "flip", "flip_translate")
 LOOKAHEAD_DECAY = 0.95  # airbench's lookahead: its average's decay per step, decay^every x (step / steps)^3 at a move
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimizer state and step, plus the explicit BatchNorm statistics, the sums
-    of the train metrics since the last record (so a resumed run logs exactly what an
-    uninterrupted one would) and, when `ema_decay` > 0, the moving average of params and
-    BatchNorm statistics that evaluation uses."""
+    """Params, optimizer state and step, plus the BatchNorm statistics, the train metrics' sums since
+    the last record (so a resumed run logs exactly what an uninterrupted one would) and the averages."""
 
     batch_stats: Any
     train_metrics: Any
@@ -44,36 +33,19 @@ class TrainState(train_state.TrainState):
 
 def empty_train_metrics():
     """Sums of loss and accuracy over `count` steps, and the first step whose loss was not finite."""
-    return {
-        "loss": jnp.float32(0),
-        "accuracy": jnp.float32(0),
-        "count": jnp.int32(0),
-        "first_nonfinite_step": jnp.int32(-1),
-    }
+    return dict(loss=jnp.float32(0), accuracy=jnp.float32(0), count=jnp.int32(0), first_nonfinite_step=jnp.int32(-1))
 
 
-# ------------------------------------------------------------------ model, optimizer, state
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
+def create_model(config, num_classes: int):
     """The configured model; BatchNorm averages over the devices' axis when sync_batch_norm."""
-    overrides = {"dtype": jnp.dtype(config.model.dtype)}
+    overrides = {"dtype": jnp.dtype(config.model.dtype), "zero_init_residual": config.model.zero_init_residual}
     if config.model.num_filters is not None:
         overrides["num_filters"] = config.model.num_filters
     if config.model.name in models.STEM_MODELS:
         overrides["stem"] = config.model.stem
     if config.model.sync_batch_norm:
         overrides["axis_name"] = parallel.AXIS
-    return models.get_model(
-        config.model.name,
-        num_classes=num_classes,
-        zero_init_residual=config.model.zero_init_residual,
-        **overrides,
-    )
-
-
-def steps_per_epoch(config, num_train_examples: int) -> int:
-    return num_train_examples // config.batch_size
+    return models.get_model(config.model.name, num_classes=num_classes, **overrides)
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -82,132 +54,9 @@ def total_steps(config, steps_per_epoch: int) -> int:
     return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
 
 
-def peak_learning_rate(config) -> float:
-    """The peak learning rate of the SGD step on the mean loss: `learning_rate` scaled linearly with the batch size."""
-    return config.learning_rate * config.batch_size / config.base_batch_size
-
-
-def create_learning_rate_fn(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
-    peak = peak_learning_rate(config)
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1))
-    if config.schedule == "piecewise":
-        return optax.piecewise_constant_schedule(
-            peak, {int(fraction * num_steps): factor for fraction, factor in config.lr_drops}
-        )
-    if config.schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(num_steps, peak)
-    if config.schedule == "constant":
-        return optax.warmup_constant_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
-    if config.schedule == "airbench":  # its get_lr: 0.2 -> 1 of the peak over int(0.23 x steps), then -> 0.07
-        rise = int(0.23 * num_steps)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.2 * peak, peak, rise), optax.linear_schedule(peak, 0.07 * peak, num_steps - rise)],
-            [rise],
-        )
-    raise ValueError(f"unknown schedule {config.schedule!r}")
-
-
-def param_name(path) -> str:
-    """A parameter's name as `--mode summary` and `config.param_rules` write it: "group1_conv1/kernel"."""
-    return "/".join(str(getattr(key, "key", key)) for key in path)
-
-
-def param_rules(config, params) -> dict:
-    """Each parameter's treatment by the first rule of `config.param_rules` whose pattern matches its
-    whole name: (learning-rate multiplier, weight-decay multiplier, epochs it trains; None: all).
-    Error for a parameter no rule matches and for a rule that matches none."""
-    names = [param_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-    rules = config.param_rules
-    first = {name: next((i for i, rule in enumerate(rules) if re.fullmatch(rule[0], name)), None) for name in names}
-    unmatched = [name for name, i in first.items() if i is None]
-    if unmatched:
-        example = '(".*", 1.0, 0.0, -1)'
-        raise Error(
-            f"--config.param_rules: no rule matches {unmatched[0]!r}; end the rules with a catch-all, {example}"
-        )
-    for i, rule in enumerate(rules):
-        if i not in first.values():
-            raise Error(
-                f"--config.param_rules: {rule[0]!r} matches no parameter of {config.model.name} (that an earlier rule"
-                f" does not); its parameters are {', '.join(sorted(names)[:4])}, ... (--mode summary lists them)"
-            )
-
-    def treatment(path, _):
-        _, lr_mult, wd_mult, epochs = rules[first[param_name(path)]]
-        return (float(lr_mult), float(wd_mult), None if epochs is None or epochs < 0 else int(epochs))
-
-    return jax.tree_util.tree_map_with_path(treatment, params)
-
-
-def create_optimizer(config, learning_rate_fn, treatments, steps_per_epoch: int = 1) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and an L2 term added to the gradient, optional clipping; each
-    parameter with its `param_rules` treatment: learning rate and L2 coefficient scaled, frozen
-    after its epochs (no update, momentum or decay), in `optax.partition` groups."""
-    clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm > 0 else optax.identity()
-
-    def group(lr_mult, wd_mult, epochs):
-        if epochs == 0:
-            return optax.set_to_zero()
-        decay = config.weight_decay * wd_mult
-        learning_rate = learning_rate_fn if lr_mult == 1 else lambda step: lr_mult * learning_rate_fn(step)
-        l2_then_sgd = optax.chain(
-            optax.add_decayed_weights(decay) if decay else optax.identity(),
-            optax.sgd(learning_rate, config.momentum, config.nesterov),
-        )
-        if epochs is None:
-            return l2_then_sgd
-        # conditionally_mask, not conditionally_transform: once the condition fails, the latter passes
-        # the raw gradient through as the update; this zeroes it and keeps the momentum as it was.
-        return optax.conditionally_mask(l2_then_sgd, lambda step: step < epochs * steps_per_epoch)
-
-    is_treatment = lambda x: isinstance(x, tuple)  # noqa: E731
-    distinct = sorted(set(jax.tree_util.tree_leaves(treatments, is_leaf=is_treatment)), key=str)
-    labels = jax.tree_util.tree_map(str, treatments, is_leaf=is_treatment)
-    return optax.chain(clip, optax.partition({str(t): group(*t) for t in distinct}, labels))
-
-
-def create_train_state(rng, config, model, learning_rate_fn, image_shape=(32, 32, 3), steps_per_epoch=1) -> TrainState:
-    """A fresh state on the host, initialised from `rng`."""
-
-    @jax.jit
-    def init(rng):
-        return model.init(rng, jnp.zeros((1,) + tuple(image_shape), model.dtype), train=False)
-
-    variables = init(rng)
-    treatments = param_rules(config, variables["params"])
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=create_optimizer(config, learning_rate_fn, treatments, steps_per_epoch),
-        batch_stats=variables["batch_stats"],
-        train_metrics=empty_train_metrics(),
-    )
-    return with_weights(state, config, variables)
-
-
-def with_weights(state: TrainState, config, variables: dict) -> TrainState:
-    """`state` with params and BatchNorm statistics `variables`, and its averages (EMA, lookahead)
-    starting from them. Host copies: an average must not share buffers with the params the step donates."""
-
-    def copy():
-        return jax.tree_util.tree_map(np.array, {key: variables[key] for key in ("params", "batch_stats")})
-
-    return state.replace(
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        ema=copy() if config.ema_decay > 0 else None,
-        lookahead=copy() if config.lookahead_every > 0 else None,
-    )
-
-
 def eval_variables(state: TrainState) -> dict:
     """The variables evaluation, predict and export apply: the moving average when there is one."""
     return state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
-
-
-# -------------------------------------------------------------------------------- steps
 
 
 def mixes(config) -> bool:
@@ -216,9 +65,8 @@ def mixes(config) -> bool:
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0, partner_labels=None, lam=1.0):
-    """Per-example cross-entropy against (optionally smoothed) one-hot labels. With `partner_labels`
-    (Mixup, CutMix), against lam * smoothed(labels) + (1 - lam) * smoothed(partner_labels): each
-    one-hot smoothed, then the two mixed, as timm's mixup_target."""
+    """Per-example cross-entropy against (optionally smoothed) one-hot labels; with `partner_labels` (Mixup,
+    CutMix), against lam * smoothed(labels) + (1 - lam) * smoothed(partner_labels), as timm's mixup_target."""
 
     def smoothed(y):
         return optax.smooth_labels(jax.nn.one_hot(y, num_classes), label_smoothing)
@@ -236,25 +84,11 @@ def accuracy(logits, labels, partner_labels=None, lam=1.0):
     return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def train_step(
-    state: TrainState,
-    batch,
-    *,
-    preprocess_fn: Callable,
-    aug_key,
-    label_smoothing,
-    ema_decay=0.0,
-    mix_fn=None,
-    lookahead=None,
-):
-    """One SGD step on this device's part of the global batch; gradients are combined over parallel.AXIS.
-
-    Augmentation draws from `aug_key` folded with the step (none when `aug_key` is None). With
-    `mix_fn` (`pipeline.mix_weights` configured), each image is mixed with its partner's, which the
-    batch carries and which is augmented by its own position, by the step's one draw. The
-    gradient is of the loss averaged over the global batch.
-    `lookahead` (every, decay, num_steps) moves the weights to their average (`lookahead_move`).
-    """
+def train_step(state, batch, *, preprocess_fn, aug_key, label_smoothing, ema_decay=0.0, mix_fn=None, lookahead=None):
+    """One SGD step on this device's part of the global batch, with the gradient of the loss averaged
+    over the global batch. Augmentation draws from `aug_key` folded with the step (none when None);
+    `mix_fn` (`pipeline.mix_weights` configured) mixes each image with its partner, which the batch
+    carries; `lookahead` is `lookahead_move`'s (every, decay, num_steps)."""
     key = None if aug_key is None else jax.random.fold_in(aug_key, state.step)
     images = preprocess_fn(batch["image"], key=key, positions=batch["position"], flips=batch.get("flip"))
     partner_labels, lam = None, 1.0
@@ -279,10 +113,8 @@ def train_step(
     # statistics keeps the state identical on every device all the same.
     batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
     loss, top1 = jax.lax.pmean((loss, accuracy(logits, batch["label"], partner_labels, lam)), parallel.AXIS)
-    sums = state.train_metrics
-    first_bad = jnp.where(
-        (sums["first_nonfinite_step"] < 0) & ~jnp.isfinite(loss), state.step + 1, sums["first_nonfinite_step"]
-    )
+    sums, first_bad = state.train_metrics, state.train_metrics["first_nonfinite_step"]
+    first_bad = jnp.where((first_bad < 0) & ~jnp.isfinite(loss), state.step + 1, first_bad)
     train_metrics = {
         "loss": sums["loss"] + loss,
         "accuracy": sums["accuracy"] + top1,
@@ -323,9 +155,8 @@ def lookahead_move(state: TrainState, every: int, decay: float, num_steps: int) 
 
 
 def tta_logits(apply_fn: Callable, images, tta: str = "none"):
-    """Logits of normalised images, averaged over test-time views. "flip" averages each image
-    and its mirror; "flip_translate" is airbench's scheme: half that, and half the same over
-    the image shifted one pixel up-left and one down-right (reflect padding)."""
+    """Logits of normalised images averaged over test-time views: "flip", each image and its mirror;
+    "flip_translate" (airbench's), half that and half the same over the image shifted a pixel up-left and down-right."""
 
     def mirrored(x):
         return apply_fn(x) if tta == "none" else 0.5 * (apply_fn(x) + apply_fn(x[:, :, ::-1]))
@@ -340,65 +171,57 @@ def tta_logits(apply_fn: Callable, images, tta: str = "none"):
 
 
 def eval_step(state: TrainState, batch, *, preprocess_fn: Callable, tta: str = "none"):
-    """Sums over the real (mask=1) examples of the global batch: loss, correct, count, confusion."""
+    """Sums over the real (mask=1) examples of the global batch: the loss and the confusion matrix."""
     apply = functools.partial(state.apply_fn, eval_variables(state), train=False)
     logits = tta_logits(apply, preprocess_fn(batch["image"]), tta)
     num_classes = logits.shape[-1]
     mask = batch["mask"]
-    predictions = jnp.argmax(logits, -1)
-    confusion = jnp.einsum(
-        "bi,bj->ij",
-        jax.nn.one_hot(batch["label"], num_classes) * mask[:, None],
-        jax.nn.one_hot(predictions, num_classes),
-    )
-    sums = {
-        "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask),
-        "confusion": confusion.astype(jnp.int32),
-    }
-    return jax.lax.psum(sums, parallel.AXIS)
-
-
-# -------------------------------------------------------------------------------- setup
+    labels = jax.nn.one_hot(batch["label"], num_classes) * mask[:, None]
+    confusion = jnp.einsum("bi,bj->ij", labels, jax.nn.one_hot(jnp.argmax(logits, -1), num_classes))
+    loss = jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask)
+    return jax.lax.psum({"loss": loss, "confusion": confusion.astype(jnp.int32)}, parallel.AXIS)
 
 
 class Setup:
-    """What training and every mode build from a config and a data set: the model, the
-    schedule, the fresh state, the preprocessing and the steps spread over the devices."""
+    """What training and every mode build from a config and a data set: the model, the schedule, the
+    fresh state, the preprocessing and the steps spread over the devices."""
 
     def __init__(self, config, dataset):
         self.config = config
         self.dataset = dataset
         self.model = create_model(config, dataset.num_classes)
-        self.steps_per_epoch = steps_per_epoch(config, len(dataset.train_images))
+        self.steps_per_epoch = len(dataset.train_images) // config.batch_size
         self.num_steps = total_steps(config, self.steps_per_epoch)
-        self.learning_rate_fn = create_learning_rate_fn(config, self.steps_per_epoch, self.num_steps)
+        self.learning_rate_fn = optimizer.create_learning_rate_fn(config, self.steps_per_epoch, self.num_steps)
         self.layout = parallel.layout(config.parallel)
         init_key, self.aug_key = jax.random.split(jax.random.key(config.seed))
-        self.fresh_state = create_train_state(
-            init_key, config, self.model, self.learning_rate_fn, dataset.train_images.shape[1:], self.steps_per_epoch
-        )
+        shape = (1, *dataset.train_images.shape[1:])
+        variables = jax.jit(lambda key: self.model.init(key, jnp.zeros(shape, self.model.dtype), train=False))(init_key)
+        treatments = optimizer.param_rules(config, variables["params"])
+        tx = optimizer.create_optimizer(config, self.learning_rate_fn, treatments, self.steps_per_epoch)
+        state = TrainState.create(apply_fn=self.model.apply, tx=tx, train_metrics=empty_train_metrics(), **variables)
+        self.fresh_state = self.with_weights(state, variables)
         mean, std = pipeline.normalization(config.data, dataset)
         self.preprocess_fn = functools.partial(
             pipeline.preprocess, mean=mean, std=std, dtype=self.model.dtype, data_config=config.data
         )
-        # Mixup/CutMix draws from a stream of its own, so mixing changes neither the init nor the augmentation draws.
         self.mix_fn = None  # (step, height, width) -> (lam, weight), when mixing
-        if mixes(config):
-            self.mix_fn = functools.partial(
-                pipeline.mix_weights,
-                jax.random.fold_in(jax.random.key(config.seed), 1),
-                mixup_alpha=config.mixup_alpha,
-                cutmix_alpha=config.cutmix_alpha,
-            )
+        if mixes(config):  # from a stream of its own: mixing changes neither the init nor the augmentation draws
+            key = jax.random.fold_in(jax.random.key(config.seed), 1)
+            alphas = {"mixup_alpha": config.mixup_alpha, "cutmix_alpha": config.cutmix_alpha}
+            self.mix_fn = functools.partial(pipeline.mix_weights, key, **alphas)
 
     def with_weights(self, state: TrainState, variables: dict) -> TrainState:
-        """`state` with `variables`' params and BatchNorm statistics, its averages starting from them."""
-        return with_weights(state, self.config, variables)
+        """`state` with `variables`' params and BatchNorm statistics, its averages (EMA, lookahead) starting
+        from them. Host copies: an average must not share buffers with the params the step donates."""
+        weights = {key: variables[key] for key in ("params", "batch_stats")}
+        copy = functools.partial(jax.tree_util.tree_map, np.array, weights)
+        ema, lookahead = self.config.ema_decay > 0, self.config.lookahead_every > 0
+        return state.replace(**weights, ema=copy() if ema else None, lookahead=copy() if lookahead else None)
 
     def initialised(self, state: TrainState) -> TrainState:
-        """The fresh `state` with its data-dependent initialisation, done once at a run's start (a
-        checkpoint keeps it): a `whiten` conv's kernel from the first WHITENING_IMAGES train
-        images, normalised as training normalises them (`models.whitening_kernel`)."""
+        """The fresh `state` with its data-dependent initialisation, done once at a run's start (a checkpoint
+        keeps it): a `whiten` conv's kernel from the first WHITENING_IMAGES train images, normalised."""
         if "whiten" not in state.params:
             return state
         mean, std = pipeline.normalization(self.config.data, self.dataset)
@@ -438,8 +261,7 @@ class Setup:
         return self.layout.map_step(step, devices)
 
     def train_batches(self, start_step: int, stop_step: int = None, devices=None):
-        """This process's train batches of steps `start_step`..`stop_step - 1` (default: to the
-        last step) on the local devices (or `devices`), prefetched."""
+        """This process's batches of steps [start_step, stop_step or the last), prefetched to the local `devices`."""
         config = self.config
         steps = range(start_step, self.num_steps if stop_step is None else stop_step)
         batches = pipeline.train_batches(

@@ -1,11 +1,4 @@
-"""The run's folder: its lock, its saved config and its metrics log.
-
-workdir/config.json      the resolved config of the run
-workdir/metrics.jsonl    one JSON record a line, appended across resumes
-workdir/events.out.*     TensorBoard event files
-workdir/checkpoints/     orbax checkpoints
-workdir/lock             pid and host of the run using the folder
-"""
+"""The run's folder (README's "What a run writes"): its lock, its saved config and its metrics log."""
 
 import json
 import os
@@ -93,13 +86,18 @@ def _get(config: dict, dotted: str):
     return config
 
 
+def _saved_config(workdir: str) -> Optional[dict]:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_config(workdir: str, config) -> None:
     """Refuses a config that changed what the checkpoints in `workdir` mean (to resume or evaluate them)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or config.allow_config_change:
+    if config.allow_config_change or (saved := _saved_config(workdir)) is None:
         return
-    with open(path) as f:
-        saved = json.load(f)
     current = json.loads(config.to_json())
     # A field the saved config lacks is newer than the run, which had its default.
     changed = [k for k in RESUME_FIELDS if _get(saved, k) not in ({}, _get(current, k))]
@@ -111,28 +109,18 @@ def check_config(workdir: str, config) -> None:
         )
 
 
-def check_resumable(workdir: str) -> None:
-    """Refuses to train on in a `workdir` whose config.json predates `param_rules`: its optimizer
-    state does not fit the optimizer's, or fits with a momentum of another loss."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    if "param_rules" in saved:
-        return
-    why = "its optimizer state is laid out as before config.param_rules"
-    if saved.get("hyperparameter_form") == "airbench":
-        why = "its momentum is of airbench's summed loss, this optimizer's of the mean loss"
-    raise Error(
-        f"workdir {workdir} holds a run that cannot resume here: {why}; train in another --workdir"
-        f" (--mode eval, predict and export still read its checkpoints; --config.init_from={workdir} starts from them)"
-    )
-
-
 def check_and_save_config(workdir: str, config) -> None:
-    """`check_resumable` and `check_config`, then saves the config as `workdir`/config.json."""
-    check_resumable(workdir)
+    """Refuses a run in `workdir` that cannot resume (its config.json predates `param_rules`: its optimizer
+    state does not fit, or has a momentum of another loss) and `check_config`'s; saves the config there."""
+    saved = _saved_config(workdir)
+    if saved is not None and "param_rules" not in saved:
+        why = "its optimizer state is laid out as before config.param_rules"
+        if saved.get("hyperparameter_form") == "airbench":
+            why = "its momentum is of airbench's summed loss, this optimizer's of the mean loss"
+        raise Error(
+            f"workdir {workdir} holds a run that cannot resume here: {why}; train in another --workdir (--mode eval,"
+            f" predict and export still read its checkpoints; --config.init_from={workdir} starts from them)"
+        )
     check_config(workdir, config)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))

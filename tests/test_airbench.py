@@ -29,7 +29,7 @@ from test_train import run_steps, synthetic_dataset
 from benchmarks import airbench_parity
 from configs import airbench93, airbench94
 from conftest import run_cli
-from resnet_jax import checkpoints, loop, models, parallel, train
+from resnet_jax import checkpoints, loop, models, optimizer, parallel, train
 from resnet_jax.data import pipeline, registry
 from resnet_jax.data.dataset import Dataset
 from resnet_jax.errors import Error
@@ -232,15 +232,15 @@ def test_learning_rate_and_decay_are_airbenchs_per_1024_examples():
     scale = 1024 * (1 + 1 / (1 - 0.85))  # airbench's kilostep_scale at momentum 0.85
     lr, wd = 11.5 / scale, 0.0153 * 1024 / scale  # airbench's lr and its SGD's weight_decay x lr, batch 1024
     # The same steps on the mean loss of the batch: the learning rate x batch, the L2 coefficient wd / lr / batch.
-    assert train.peak_learning_rate(config) == pytest.approx(lr * 1024, rel=1e-12)
+    assert optimizer.peak_learning_rate(config) == pytest.approx(lr * 1024, rel=1e-12)
     assert config.weight_decay == pytest.approx(wd / lr / 1024, rel=1e-12)
     config.batch_size = 512  # airbench's lr on the summed loss, its decay x batch: linear scaling on the mean loss
-    assert train.peak_learning_rate(config) == pytest.approx(lr * 512, rel=1e-12)
+    assert optimizer.peak_learning_rate(config) == pytest.approx(lr * 512, rel=1e-12)
 
 
 def test_param_rules_put_batch_norm_biases_at_64x_and_freeze_the_whitening_conv(airbench93_variables):
     _, variables = airbench93_variables
-    rules = traverse_util.flatten_dict(train.param_rules(airbench93.get_config(), variables["params"]), sep="/")
+    rules = traverse_util.flatten_dict(optimizer.param_rules(airbench93.get_config(), variables["params"]), sep="/")
     expected = {name: (1.0, 1.0, None) for name in rules}  # (lr x, decay x, epochs it trains)
     expected.update({f"group{g}_norm{n}/bias": (64.0, 1 / 64, None) for g in (1, 2, 3) for n in (1, 2)})
     expected.update({"whiten/bias": (1.0, 1.0, 3), "whiten/kernel": (1.0, 1.0, 0)})
@@ -249,7 +249,7 @@ def test_param_rules_put_batch_norm_biases_at_64x_and_freeze_the_whitening_conv(
 
 def test_the_airbench_schedule_is_airbenchs_get_lr():
     config = airbench93.get_config()
-    total, peak = 528, train.peak_learning_rate(config)
+    total, peak = 528, optimizer.peak_learning_rate(config)
 
     def get_lr(step):  # airbench's, as a multiple of the peak
         warmup_steps = int(total * 0.23)
@@ -260,7 +260,7 @@ def test_the_airbench_schedule_is_airbenchs_get_lr():
         frac = (step - warmup_steps) / (total - warmup_steps)
         return peak_lr * (1 - frac) + end_lr * frac
 
-    schedule = train.create_learning_rate_fn(config, steps_per_epoch=48, num_steps=total)
+    schedule = optimizer.create_learning_rate_fn(config, steps_per_epoch=48, num_steps=total)
     for step in (0, 1, 60, 120, 121, 122, 300, 527):
         assert float(schedule(step)) == pytest.approx(get_lr(step) * peak, rel=1e-6), step
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
-from resnet_jax import config_checks, train
+from resnet_jax import config_checks, optimizer, train
 
 CONFIG_NAMES = sorted(
     os.path.splitext(os.path.basename(p))[0]
@@ -46,12 +46,13 @@ def test_every_config_loads_and_validates(name):
 def test_flagship_and_he_recipes():
     r18 = load("resnet18")
     assert (r18.model.name, r18.model.stem, r18.batch_size, r18.nesterov) == ("resnet18", "cifar", 512, True)
-    assert train.peak_learning_rate(r18) == pytest.approx(0.2)
+    assert optimizer.peak_learning_rate(r18) == pytest.approx(0.2)
     assert (r18.weight_decay, r18.label_smoothing, r18.schedule) == (5e-4, 0.1, "cosine")
     for name in ("resnet20", "resnet56", "resnet110"):
         he = load(name)
-        assert (he.batch_size, train.peak_learning_rate(he), he.weight_decay, he.num_epochs) == (128, 0.1, 1e-4, 164)
-        schedule = train.create_learning_rate_fn(he, steps_per_epoch=100, num_steps=16400)
+        assert (he.batch_size, he.weight_decay, he.num_epochs) == (128, 1e-4, 164)
+        assert optimizer.peak_learning_rate(he) == 0.1
+        schedule = optimizer.create_learning_rate_fn(he, steps_per_epoch=100, num_steps=16400)
         assert [float(schedule(s)) for s in (0, 8199, 8200, 12299, 12300)] == pytest.approx(
             [0.1, 0.1, 0.01, 0.01, 0.001]
         )
@@ -80,7 +81,7 @@ def test_page_resnet9_and_cifar100_recipes():
         "flip_translate",
     )
     # CIFAR-10's 50,000 images at batch 512: 97 steps an epoch, 2,328 in all; lr 0 -> 0.4 at epoch 5 -> 0.
-    schedule = train.create_learning_rate_fn(fast, steps_per_epoch=97, num_steps=2328)
+    schedule = optimizer.create_learning_rate_fn(fast, steps_per_epoch=97, num_steps=2328)
     assert [float(schedule(s)) for s in (0, 485, 2328)] == pytest.approx([0.0, 0.4, 0.0], abs=1e-6)
     cifar100, r18 = load("cifar100"), load("resnet18")
     assert cifar100.data.name == "cifar100"

@@ -20,7 +20,7 @@ from test_configs import CONFIG_NAMES, load
 from test_reliability import one_line_error
 
 from conftest import ROOT, run_cli
-from resnet_jax import evaluate, train
+from resnet_jax import evaluate, optimizer, train
 from resnet_jax.data import registry
 from resnet_jax.errors import Error
 from resnet_jax.workdir import check_and_save_config
@@ -36,10 +36,10 @@ def param_shapes(config, num_classes=10):
 
 def treatments(config):
     """{name: [peak learning rate, L2 coefficient, epochs it trains (-1: all)]} from the rules."""
-    peak = train.peak_learning_rate(config)
-    rules = train.param_rules(config, param_shapes(config, 100 if config.data.name == "cifar100" else 10))
+    peak = optimizer.peak_learning_rate(config)
+    rules = optimizer.param_rules(config, param_shapes(config, 100 if config.data.name == "cifar100" else 10))
     return {
-        train.param_name(path): [peak * lr, config.weight_decay * wd, -1 if epochs is None else epochs]
+        optimizer.param_name(path): [peak * lr, config.weight_decay * wd, -1 if epochs is None else epochs]
         for path, (lr, wd, epochs) in jax.tree_util.tree_leaves_with_path(rules, is_leaf=lambda x: isinstance(x, tuple))
     }
 
@@ -61,10 +61,10 @@ def test_a_rule_that_names_no_parameter_and_a_parameter_no_rule_names_are_refuse
     params = param_shapes(config)
     config.param_rules = (("whiten/bias", 1, 1, 3),) + tuple(config.param_rules)
     with pytest.raises(Error, match=r"'whiten/bias' matches no parameter of resnet8 .*--mode summary lists them"):
-        train.param_rules(config, params)
+        optimizer.param_rules(config, params)
     config.param_rules = ((".*/kernel", 1, 1, -1),)
     with pytest.raises(Error, match=r"no rule matches '.*/(bias|scale)'; end the rules with a catch-all"):
-        train.param_rules(config, params)
+        optimizer.param_rules(config, params)
 
 
 @pytest.mark.parametrize(

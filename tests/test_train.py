@@ -19,7 +19,7 @@ from PIL import Image
 
 from configs import smoke
 from conftest import ROOT, finish, flags_launch, run_cli, slurm_launch, start_processes, wait_until
-from resnet_jax import checkpoints, parallel, train
+from resnet_jax import checkpoints, optimizer, parallel, train
 from resnet_jax.data import pipeline, registry
 from resnet_jax.data.dataset import Dataset
 from resnet_jax.workdir import read_metrics
@@ -224,24 +224,24 @@ def test_weight_decay_is_on_kernels_only_by_default():
         "head": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
     }
     config = smoke.get_config()
-    treatments = train.param_rules(config, params)  # (lr x, weight_decay x, epochs it trains)
+    treatments = optimizer.param_rules(config, params)  # (lr x, weight_decay x, epochs it trains)
     assert treatments == {
         "conv": {"kernel": (1.0, 1.0, None)},
         "bn": {"scale": (1.0, 0.0, None), "bias": (1.0, 0.0, None)},
         "head": {"kernel": (1.0, 1.0, None), "bias": (1.0, 0.0, None)},
     }
     config.momentum, config.weight_decay = 0.0, 0.5
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0), treatments)
+    tx = optimizer.create_optimizer(config, optax.constant_schedule(1.0), treatments)
     zeros = jax.tree_util.tree_map(np.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     assert float(updates["conv"]["kernel"].max()) == -0.5 and float(updates["bn"]["scale"].max()) == 0.0
 
 
-@pytest.mark.parametrize("schedule", train.SCHEDULES)
+@pytest.mark.parametrize("schedule", optimizer.SCHEDULES)
 def test_schedules_peak_at_the_scaled_learning_rate(schedule):
     config = smoke.get_config()
     config.schedule, config.warmup_epochs, config.batch_size, config.base_batch_size = schedule, 1.0, 128, 64
-    fn = train.create_learning_rate_fn(config, steps_per_epoch=10, num_steps=100)
+    fn = optimizer.create_learning_rate_fn(config, steps_per_epoch=10, num_steps=100)
     values = np.array([float(fn(s)) for s in range(101)])
     assert values.max() == pytest.approx(0.2, rel=1e-3)  # 0.1 * 128 / 64
     if schedule in ("cosine", "constant"):
