@@ -25,7 +25,6 @@ def get_config():
     config.data.image_size = 32  # data.name="folder": images are centre-cropped square and resized to this side
     config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.data.validation_examples = 0  # train examples held out (balanced, fixed) to pick the best checkpoint
-    config.data.download = True  # download and prepare the data set if data_dir lacks it
     config.data.archive = ""  # prepare from this copy of the official archive (cifar-10-binary.tar.gz) instead
     config.data.augment = True  # random crop + horizontal flip on the device
     config.data.crop_padding = 4  # pixels of padding around the image before the random 32x32 crop
@@ -60,6 +59,7 @@ def get_config():
 
     config.seed = 0  # seeds initialisation, data order and augmentation
     config.log_every_steps = 50  # steps between train metric records
+    config.profile_steps = 0  # trace this many steps after the first (compiled) one into WORKDIR/profile/; 0: off
     config.eval_every_epochs = 1.0  # epochs between evaluations (and one at the end)
     config.checkpoint_every_steps = 1000  # steps between checkpoints (also saved at each evaluation and the end)
     config.keep_checkpoints = 3  # most recent checkpoints kept (plus the best by validation accuracy)

@@ -77,8 +77,8 @@ def validate(config, device_count: int = None) -> None:
     if config.mixup_alpha < 0 or config.cutmix_alpha < 0:
         alphas = f"{config.mixup_alpha}, {config.cutmix_alpha}"
         raise Error(f"--config.mixup_alpha and cutmix_alpha must be >= 0 (0: off), got {alphas}")
-    if config.weight_decay < 0 or config.grad_clip_norm < 0 or config.warmup_epochs < 0:
-        raise Error("--config.weight_decay, grad_clip_norm and warmup_epochs must be >= 0")
+    if min(config.weight_decay, config.grad_clip_norm, config.warmup_epochs, config.profile_steps) < 0:
+        raise Error("--config.weight_decay, grad_clip_norm, warmup_epochs and profile_steps must be >= 0")
     if not all(len(drop) == 2 and 0 < drop[0] < 1 for drop in config.lr_drops):
         raise Error(
             f"--config.lr_drops must be (fraction of training in (0, 1), factor) pairs, e.g. ((0.5, 0.1),),"

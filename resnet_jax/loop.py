@@ -33,6 +33,8 @@ def train_and_evaluate(config, workdir: str, dataset=None, config_path: str = "C
             for step in range(start_step + 1, setup.num_steps + 1):
                 state = p_train_step(state, next(batches))
                 run.stepped(step, state, due.log(step))
+                if config.profile_steps:
+                    run.profile(step, state)
                 if due.log(step):
                     state = run.log_train(step, state)
                 if due.evaluation(step):
@@ -94,6 +96,7 @@ class Run:
         self.is_main = jax.process_index() == 0
         self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
         self.metrics_log = self.progress = None
+        self.tracing = False
 
     def starting_state(self):
         """The newest usable checkpoint's state (on the host); without a checkpoint, a fine-tune's
@@ -137,6 +140,19 @@ class Run:
             self.compile_seconds = time.perf_counter() - self.started
             if not logging_now:  # The first record's throughput then leaves compilation out.
                 self.lap(step, self.started + self.compile_seconds)
+
+    def profile(self, step: int, state) -> None:
+        """Traces `config.profile_steps` steps after the first (its compilation) into WORKDIR/profile/ (process 0)."""
+        first = self.start_step + 1
+        last = min(first + self.config.profile_steps, self.setup.num_steps)
+        if step == first and last > first and self.is_main:
+            jax.profiler.start_trace(os.path.join(self.workdir, "profile"), create_perfetto_trace=True)
+            self.tracing = True
+        elif step == last and self.tracing:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.tracing = False
+            logging.info("a trace of steps %d-%d is in %s", first + 1, last, os.path.join(self.workdir, "profile"))
 
     def train_metrics(self, state) -> dict:
         """The metric sums since the last record, on the host; stops on a non-finite loss."""
@@ -203,6 +219,8 @@ class Run:
     def close(self, failed: bool = False) -> None:
         """Releases orbax's threads, the progress bar and the metrics log; after a multi-process run's failure
         not orbax's: a pending save may wait on a lost process until jax's heartbeat timeout (run.py exits)."""
+        if self.tracing:
+            jax.profiler.stop_trace()
         if not (failed and jax.process_count() > 1):
             checkpoints.close(self.manager)
         if self.progress:

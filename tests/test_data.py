@@ -284,11 +284,6 @@ def test_missing_data_offline_fails_fast_with_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "downloads").exists()
 
 
-def test_missing_data_without_download(tmp_path):
-    with pytest.raises(Error, match="not prepared in .*data.download is False"):
-        registry.load_dataset(data_config(str(tmp_path), download=False))
-
-
 def test_only_cifar_is_prepared_here_another_tfds_data_set_is_named_in_one_line(tmp_path):
     with pytest.raises(Error) as e:
         tfds_source.load(data_config(str(tmp_path), name="mnist"))

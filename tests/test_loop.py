@@ -204,3 +204,15 @@ def test_the_best_checkpoint_outlives_the_keep_window_and_eval_best_evaluates_it
     report = evaluate.evaluate_checkpoint(config, str(tmp_path), tiny_dataset())
     assert report["step"] == best
     assert os.path.exists(tmp_path / f"eval_{best}.json")
+
+
+def test_profile_steps_traces_the_steps_after_the_compiling_one_into_the_workdir(tmp_path, caplog):
+    config = tiny_config()
+    config.profile_steps = 2
+    caplog.set_level("INFO")
+    assert loop.train_and_evaluate(config, str(tmp_path), tiny_dataset()) is True
+    assert "a trace of steps 2-3 is in " + str(tmp_path / "profile") in caplog.text
+    traces = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path / "profile") for f in fs]
+    assert any(t.endswith(".xplane.pb") for t in traces), traces  # TensorBoard's profile plugin reads these
+    assert any(t.endswith("perfetto_trace.json.gz") for t in traces), traces  # and Perfetto these
+    assert strip(metrics(tmp_path)) == strip(metrics(train_to_the_end(tmp_path / "plain", "pmap")))

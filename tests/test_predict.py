@@ -435,7 +435,7 @@ def test_summary_needs_no_data_and_follows_the_data_sets_classes(tmp_path):
         "summary",
         "--config.data.name=cifar100",
         f"--config.data.data_dir={tmp_path / 'none'}",
-        "--config.data.download=False",
+        f"--config.data.archive={tmp_path / 'none.tar.gz'}",  # never downloads, should it load the data
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # ResNet-20's 269,722 parameters, with a 64x100 head instead of 64x10.

@@ -451,7 +451,7 @@ def test_eval_without_checkpoints_or_with_a_missing_step(ten_steps, tiny_data_di
 @pytest.mark.slow
 def test_missing_or_corrupt_data_through_run_py(tiny_data_dir, tmp_path):
     line = one_line_error(
-        run_cli(*args(str(tmp_path / "nothing"), tmp_path / "w", 10, "--config.data.download=False")), 2
+        run_cli(*args(str(tmp_path / "nothing"), tmp_path / "w", 10, f"--config.data.archive={tmp_path}/none")), 2
     )
     assert "cifar10 3.0.2 is not prepared in" in line and "--config.data.data_dir" in line
     broken = tmp_path / "broken"

@@ -95,8 +95,6 @@ def _download(builder, data_config) -> str:
     """The official archive, downloaded and checked against the checksums tfds ships."""
     import tensorflow_datasets as tfds
 
-    if not data_config.download:
-        raise Error(_missing_message(builder, "data.download is False"))
     url = tfds_format.ARCHIVES[builder.name][0]
     # tfds retries for minutes when offline; a short connection probe finds out at once.
     unreachable = download_host_reachable(url)
