@@ -14,7 +14,7 @@ from flax import linen as nn
 # Kaiming-normal, fan_out, ReLU gain: torch.nn.init.kaiming_normal_(w, mode="fan_out").
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's and Conv2d's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-dense_kernel_init = torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def conv_and_norm(model: nn.Module, train: bool, kernel_init=conv_kernel_init, epsilon=1e-5, use_scale=True):
@@ -152,7 +152,7 @@ class ResNet(nn.Module):
                 strides = (2, 2) if i > 0 and j == 0 else (1, 1)
                 x = block(self.num_filters * 2**i, strides=strides, name=f"stage{i + 1}_block{j + 1}")(x)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_kernel_init, name="head")(x)
         return x.astype(jnp.float32)
 
 
@@ -203,7 +203,7 @@ class ResNet9(nn.Module):
             if residual:
                 x = Residual(conv, norm, self.act, self.zero_init_residual, name=f"layer{i}_residual")(x)
         x = jnp.max(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_kernel_init, name="head")(x)
         return x.astype(jnp.float32) * 0.125  # Page's fixed logit scale, his Mul(weight=0.125)
 
 
@@ -260,7 +260,7 @@ class Airbench(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = conv_and_norm(self, train, dirac(torch_default_kernel_init), epsilon=1e-12, use_scale=False)
+        conv, norm = conv_and_norm(self, train, dirac(torch_kernel_init), epsilon=1e-12, use_scale=False)
         x = self.act(conv(WHITEN_WIDTH, (2, 2), padding="VALID", use_bias=True, name="whiten")(x.astype(self.dtype)))
         for i, width in enumerate(self.widths, start=1):
             x = conv(width, (3, 3), padding=1, name=f"group{i}_conv1")(x)
@@ -268,7 +268,7 @@ class Airbench(nn.Module):
             x = conv(width, (3, 3), padding=1, name=f"group{i}_conv2")(x)
             x = self.act(norm(name=f"group{i}_norm2")(x))
         x = max_pool(x, 3).reshape(x.shape[0], -1)
-        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=dense_kernel_init, name="head")(x)
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_kernel_init, name="head")(x)
         return x.astype(jnp.float32) / 9.0  # airbench's Mul(1/9)
 
 
