@@ -20,8 +20,11 @@ import sys
 import numpy as np
 import pytest
 
+from resnet_jax import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ("--xla_cpu_experimental_ynn_fusion_type", "--xla_cpu_experimental_onednn_custom_call")
+# The flags xla_flags sets: float32's, then bfloat16's oneDNN one.
+FLAGS = tuple(f"--{name}" for name in (*xla_flags.CPU_DEFAULTS, *xla_flags.BFLOAT16_DEFAULTS))
 BATCH = (128, 32, 32, 3)  # images at batch 128: ResNet-18's first BatchNorm sees 131,072 values per channel
 FILTERS = 64  # ResNet-18's first BatchNorm's channels
 LOSS_BATCH = 65_536  # past the sizes where #39103 goes wrong (16,385 rows in float64, 32,769 in float32)
@@ -53,8 +56,6 @@ def compute(flag_set: str) -> dict:
     """The jitted results, in this process, under `flag_set`: a dtype whose project flags to set, or
     "jaxlib_default"; call before jax starts its backend."""
     if flag_set != "jaxlib_default":
-        from resnet_jax import xla_flags
-
         xla_flags.set_cpu_defaults(flag_set)
     import functools
 
@@ -120,8 +121,6 @@ def compute(flag_set: str) -> dict:
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "jaxlib_default"])
 def computed(request):
     """The child's results: with xla_flags.set_cpu_defaults(dtype) (as run.py), or with jaxlib's defaults."""
-    from resnet_jax import xla_flags
-
     environ = dict(os.environ)
     environ["XLA_FLAGS"] = " ".join(f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith(FLAGS))
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")]))

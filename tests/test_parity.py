@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from fixtures import make_torch_parity
 
-from resnet_jax import models
+from resnet_jax import models, xla_flags
 from resnet_jax.convert import torch_to_flax
 
 STAGE_SIZES = (2, 2, 2, 2)
@@ -28,7 +28,7 @@ PARAM_COUNTS = {"imagenet": 11_181_642, "cifar": 11_173_962}
 LOGITS_ATOL = 1e-5  # the README's figure: float32 through two frameworks' kernels
 # bfloat16 keeps 8 bits of mantissa: ResNet-18's logits (up to 2.47 here) come within 0.017 of torch's float32.
 ATOL = {"float32": LOGITS_ATOL, "bfloat16": 0.04}
-PROJECT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type", "--xla_cpu_experimental_onednn_custom_call")
+PROJECT_FLAGS = tuple(f"--{name}" for name in (*xla_flags.CPU_DEFAULTS, *xla_flags.BFLOAT16_DEFAULTS))
 FIXTURE = dict(np.load(make_torch_parity.PATH))
 
 
@@ -113,8 +113,6 @@ def test_rejects_missing_and_unmapped_keys():
 
 
 if __name__ == "__main__":
-    from resnet_jax import xla_flags
-
     xla_flags.set_cpu_defaults(sys.argv[2])
     logits = flax_logits(sys.argv[1], sys.argv[2])
     print(json.dumps({"xla_flags": os.environ["XLA_FLAGS"], "logits": logits.tolist()}))
