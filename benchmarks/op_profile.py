@@ -1,14 +1,15 @@
 """Where a train step's time goes, per kind of operation, in JAX (XLA) and in PyTorch.
 
 Traces the trainer's train step (`throughput.TrainLoop`, run.py's XLA flags) with jax.profiler and
-`torch_reference.training_step` with torch.profiler, each in its own process; rows: kind, then per
-side milliseconds per step and share of the step. XLA's ops are classified from the compiled HLO
-(jax's metadata marks the backward pass), PyTorch's by aten name. XLA:CPU emits no trace event for
-its Eigen and oneDNN convolutions: their time is JAX's untraced remainder (conv_ops.py times them).
+`torch_reference.training_step` (for airbench93/94, airbench's own network from --airbench) with
+torch.profiler, each in its own process; rows: kind, then per side milliseconds per step and share
+of the step. XLA's ops are classified from the compiled HLO (jax's metadata marks the backward
+pass), PyTorch's by aten name. XLA:CPU emits no trace event for its Eigen and oneDNN convolutions:
+their time is JAX's untraced remainder (conv_ops.py times them).
 JAX's ops may overlap, so its kinds can add up to more than the step.
 
     python benchmarks/op_profile.py --model resnet18 --batch-size 128 [--dtype bfloat16] [--json]
-    python benchmarks/op_profile.py --config configs/airbench93.py --no-torch   # PyTorch's has ResNets only
+    python benchmarks/op_profile.py --config configs/airbench93.py [--dtype bfloat16] --airbench AIRBENCH_CHECKOUT
 """
 
 import argparse
@@ -123,8 +124,16 @@ def torch_side(args) -> dict:
     import torch
     from torch_reference import training_step
 
-    model, dtype = args.model or "resnet18", args.dtype or "float32"
-    step, _ = training_step(args.stem or "cifar", args.batch_size, dtype, "cpu", model)
+    net = None
+    if args.model.startswith("airbench"):  # airbench's own network, its device lines moved to the CPU
+        from airbench_reference import move_to_cpu
+
+        move_to_cpu()
+        sys.path.insert(0, args.airbench)
+        import airbench
+
+        net = getattr(airbench, f"make_net{args.model[-2:]}")()
+    step, _ = training_step(args.stem or "cifar", args.batch_size, args.dtype, "cpu", args.model, net)
     for _ in range(2):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -146,10 +155,11 @@ def main():
     parser.add_argument("--model", default=None, help="default: the config's (resnet18)")
     parser.add_argument("--stem", default=None, choices=("cifar", "imagenet"))
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     parser.add_argument("--steps", type=int, default=3, help="steps traced on each side")
     parser.add_argument("--no-torch", action="store_true", help="profile the JAX side only")
     parser.add_argument("--torch-python", default=sys.executable, help="the interpreter with PyTorch installed")
+    parser.add_argument("--airbench", help="a checkout of cifar10-airbench: PyTorch's side of airbench93/94")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
@@ -157,12 +167,19 @@ def main():
     if args.side:
         print(json.dumps((jax_side if args.side == "jax" else torch_side)(args)))
         return
+    sys.path.insert(0, HERE)
+    import throughput
     from compare import run_json
 
+    config = throughput.make_config(args)  # PyTorch's side trains the model, dtype and batch of the JAX side's config
+    model = config.model
+    if model.name.startswith("airbench") and not (args.no_torch or args.airbench):
+        parser.error(f"--airbench: {model.name}'s PyTorch side is airbench's own network: give a checkout of it")
     argv = [os.path.abspath(__file__), *(a for a in sys.argv[1:] if a not in ("--json", "--no-torch"))]
     sides = {"JAX": run_json([sys.executable, *argv, "--side", "jax"])}
     if not args.no_torch:
-        sides["PyTorch"] = run_json([args.torch_python, *argv, "--side", "torch"])
+        model_args = ["--model", model.name, "--dtype", model.dtype, "--batch-size", str(config.batch_size)]
+        sides["PyTorch"] = run_json([args.torch_python, *argv, *model_args, "--side", "torch"])
     rows = []  # kind, then per side its milliseconds per step and share of the step
     for kind in (*KINDS, "step"):
         row = [kind]

@@ -92,8 +92,9 @@ def resolve_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def training_step(stem="cifar", batch_size=128, dtype="float32", device=None, model="resnet18"):
-    """(step, sync): one SGD step of ResNet `model` on a fixed random CIFAR-10 batch; a wait for the device."""
+def training_step(stem="cifar", batch_size=128, dtype="float32", device=None, model="resnet18", net=None):
+    """(step, sync): one SGD step of ResNet `model` (or of the module `net`) on a fixed random CIFAR-10 batch;
+    a wait for the device."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     device = resolve_device(device)
@@ -101,10 +102,11 @@ def training_step(stem="cifar", batch_size=128, dtype="float32", device=None, mo
         torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     # channels_last: the fast conv layout on CPU (oneDNN) and on CUDA tensor cores alike.
-    net = resnet(model, num_classes=10, stem=stem).to(device, memory_format=torch.channels_last).train()
+    net = net or resnet(model, num_classes=10, stem=stem)
+    net = net.to(device, memory_format=torch.channels_last).train()
     # Weight decay on conv and dense kernels only, as the JAX trainer.
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    decay = [p for p in net.parameters() if p.ndim > 1 and p.requires_grad]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1 and p.requires_grad]
     groups = [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
     forward = torch.compile(net) if device.type == "cuda" else net

@@ -111,3 +111,40 @@ def test_conv_ops_reports_forward_and_gradient_times():
         totals = result[side]
         assert min(totals["forward"], totals["dx"], totals["dw"]) > 0
         assert totals["all"] == pytest.approx(totals["forward"] + totals["dx"] + totals["dw"], abs=0.2)
+
+
+def test_op_profile_classifies_the_compiled_steps_operations():
+    op_profile = load_benchmark("op_profile.py")
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jax.nn.relu(y) ** 2)
+
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    kinds = op_profile.hlo_kinds(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text())
+    assert {"convolution forward", "convolution gradients (input and weight)", op_profile.ELEMENTWISE} <= set(
+        kinds.values()
+    )
+
+
+@pytest.mark.slow
+def test_op_profile_reports_every_kind_of_operation_of_the_jax_step():
+    result = run_benchmark("op_profile.py", "--model", "resnet8", "--batch-size", "8", "--steps", "1", "--no-torch")
+    assert list(result["sides"]) == ["JAX"]
+    rows = {row[0]: row[1:] for row in result["rows"]}
+    assert list(rows) == [*load_benchmark("op_profile.py").KINDS, "step"]
+    step_ms, share = rows.pop("step")
+    assert step_ms > 0 and share == 100
+    assert rows[load_benchmark("op_profile.py").ELEMENTWISE][0] > 0
+    assert sum(ms for ms, _ in rows.values()) >= 0.99 * step_ms  # the untraced remainder completes the step
+
+
+def test_op_profile_asks_for_airbench_for_the_pytorch_side_of_airbench():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "op_profile.py"), "--config", "configs/airbench93.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2 and "--airbench" in done.stderr.strip().splitlines()[-1], done.stderr
