@@ -102,7 +102,8 @@ def training_step(stem="cifar", batch_size=128, dtype="float32", device=None, mo
         torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     # channels_last: the fast conv layout on CPU (oneDNN) and on CUDA tensor cores alike.
-    net = net or resnet(model, num_classes=10, stem=stem)
+    if net is None:
+        net = resnet(model, num_classes=10, stem=stem)
     net = net.to(device, memory_format=torch.channels_last).train()
     # Weight decay on conv and dense kernels only, as the JAX trainer.
     decay = [p for p in net.parameters() if p.ndim > 1 and p.requires_grad]
